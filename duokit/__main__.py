@@ -1,0 +1,3 @@
+from duokit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Files that are never written half: atomic writes and an append-only, resumable JSONL log."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temp file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix or delete the file") from err
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the complete records of a JSONL file.
+
+    A torn last line (the process died mid-append) is skipped; a bad line anywhere else is an error.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # no trailing newline: an interrupted append
+                return
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from err
+
+
+class JsonlLog:
+    """Append-only JSONL file keyed by a record field, so a restarted run skips what is done.
+
+    Each append is one `write` of a full line followed by flush+fsync; a torn last line from a
+    crash is cut off when the log is reopened, so it is never duplicated or half-read.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        self.path = Path(path)
+        self.key = key
+        self.records: list[dict] = []
+        if self.path.exists():
+            self._truncate_torn_tail()
+            self.records = list(iter_jsonl(self.path))
+        self.done = {self._key_of(r) for r in self.records}
+
+    def _key_of(self, record: dict) -> str:
+        if self.key not in record:
+            raise ValueError(f"{self.path}: record has no key field {self.key!r}: {record}")
+        return str(record[self.key])
+
+    def _truncate_torn_tail(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(self.path, "r+b") as handle:
+                handle.truncate(cut)
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self.done
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, record: dict) -> None:
+        key = self._key_of(record)
+        if key in self.done:
+            raise ValueError(f"{self.path}: record {key!r} is already logged")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+        self.done.add(key)
