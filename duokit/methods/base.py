@@ -55,6 +55,14 @@ class Method:
         """
         return None
 
+    def estimate_kv_bytes(self, num_layers: int, num_kv_heads: int, head_dim: int,
+                          num_tokens: int, dtype_bytes: int) -> int:
+        """KV-cache bytes this method holds for `num_tokens` tokens (keys and values, every layer).
+
+        The memory planner uses it before a run; tests compare it with the bytes a cache really holds.
+        """
+        return 2 * num_layers * num_kv_heads * head_dim * num_tokens * dtype_bytes
+
     def settings(self) -> dict[str, Any]:
         """The settings recorded in a run's config.json."""
         return {"name": self.name, **asdict(self)}
