@@ -1,0 +1,103 @@
+"""setup_colab.sh: syntax, the real report (--no-install), and the install path against a fake interpreter.
+
+The fake interpreter logs every `pip` call (with the constraints file's contents) instead of installing, and
+answers the GPU-capability and torch-import probes from environment variables; everything else goes to the
+real Python, so the constraints the script computes are the real installed torch versions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "setup_colab.sh"
+FAKE_PYTHON = f"""#!/usr/bin/env bash
+if [[ "${{1:-}}" == "-m" && "${{2:-}}" == "pip" ]]; then
+  echo "pip ${{*:3}}" >> "$FAKE_LOG"
+  args=("$@")
+  for ((i = 0; i < ${{#args[@]}}; i++)); do
+    [[ "${{args[i]}}" == "-c" ]] && sed 's/^/constraint /' "${{args[i + 1]}}" >> "$FAKE_LOG"
+  done
+  [[ " $* " == *" flash-attn "* && -n "${{FAKE_FLASH_FAIL:-}}" ]] && exit 1
+  exit 0
+fi
+if [[ "${{1:-}}" == "-c" && "$2" == *get_device_capability* ]]; then echo "$FAKE_CAPABILITY"; exit 0; fi
+if [[ "${{1:-}}" == "-c" && "$2" == "import torch" ]]; then exit "${{FAKE_NO_TORCH:-0}}"; fi
+if [[ "${{1:-}}" == "-m" && "${{2:-}}" == "duokit.runtime" ]]; then echo "runtime report"; exit 0; fi
+exec {sys.executable} "$@"
+"""
+
+
+def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    path = tmp_path / "python"
+    path.write_text(FAKE_PYTHON)
+    path.chmod(0o755)
+    log = tmp_path / "log"
+    return {"PYTHON": str(path), "FAKE_LOG": str(log), "FAKE_CAPABILITY": "none"}, log
+
+
+def test_syntax_and_options():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
+    assert "--flash-attn" in run_script("--help").stdout
+    result = run_script("--reinstall-torch")
+    assert result.returncode == 2 and "unknown option '--reinstall-torch'" in result.stderr
+
+
+def test_report_only_runs_the_real_runtime_report():
+    result = run_script("--no-install", "--flash-attn", env={"PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    assert "flash-attn: not tried (--no-install)" in result.stdout
+    assert f"transformers: {importlib.metadata.version('transformers')}" in result.stdout
+    assert "\nGPU: " in result.stdout
+
+
+def test_install_holds_torch_and_installs_the_clone(fake_python):
+    env, log = fake_python
+    for _ in range(2):  # re-running does the same thing again
+        result = run_script(env=env)
+        assert result.returncode == 0, result.stderr
+    lines = log.read_text().splitlines()
+    constraint_files = set(re.findall(r" -c (\S+)", log.read_text()))
+    assert len(constraint_files) == 2 and not any(Path(p).exists() for p in constraint_files)  # removed
+    lines = [re.sub(r" -c \S+", " -c CONSTRAINTS", line) for line in lines]
+    pins = [f"constraint torch=={importlib.metadata.version('torch')}",
+            f"constraint torchvision=={importlib.metadata.version('torchvision')}"]
+    once = [f"pip install -q -c CONSTRAINTS -r {SCRIPT.parent}/requirements.txt", *pins,
+            f"pip install -q -c CONSTRAINTS -e {SCRIPT.parent}", *pins]
+    assert lines == once + once
+    assert result.stdout.rstrip().endswith("runtime report")
+
+
+@pytest.mark.parametrize("capability, fail, message", [
+    ("none", "", "flash-attn: skipped, no GPU"),
+    ("75", "", "needs sm80+ and this GPU is sm75; duokit uses 'sdpa'"),
+    ("90", "1", "flash-attn: install failed"),
+    ("90", "", "flash-attn: installed"),
+])
+def test_flash_attn_only_when_asked_and_falls_back_to_sdpa(fake_python, capability, fail, message):
+    env, log = fake_python
+    result = run_script("--flash-attn", env={**env, "FAKE_CAPABILITY": capability, "FAKE_FLASH_FAIL": fail})
+    assert result.returncode == 0, result.stderr
+    assert message in result.stdout
+    tried = [line for line in log.read_text().splitlines() if line.endswith("flash-attn")]
+    assert len(tried) == (capability == "90")
+    assert "flash-attn" not in run_script(env=env).stdout  # not asked: not tried
+
+
+def test_missing_torch_stops_before_pip(fake_python):
+    env, log = fake_python
+    result = run_script(env={**env, "FAKE_NO_TORCH": "1"})
+    assert result.returncode == 1 and "torch==2.14.1 torchvision==0.29.1" in result.stderr
+    assert not log.exists()
