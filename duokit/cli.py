@@ -12,6 +12,9 @@ import sys
 
 # sub-command -> module defining `register(subparsers)`; the module's parser sets `func`.
 COMMAND_MODULES = {
+    "data": "duokit.data.commands",
+    "score": "duokit.data.score_command",
+    "synth": "duokit.data.synth.commands",
 }
 
 
