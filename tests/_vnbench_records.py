@@ -7,6 +7,7 @@ from duokit.data.vnbench import LETTERS, SUBTASKS, permuted_options
 # The published `type` of each file suffix: the HF file swaps the two insert-retrieval labels (§3).
 PUBLISHED_LABEL = {s: s for s in SUBTASKS} | {"ret_insert1": "ret_insert2", "ret_insert2": "ret_insert1"}
 
+# Verbatim from vnbench.md §2, kept apart from duokit's own templates so tests check those against it.
 QUESTIONS = {
     "ret_edit1": "What is the secret word?",
     "ret_insert1": "What kind of fruit appears in this video?",

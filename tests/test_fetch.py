@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import zipfile
 from collections import namedtuple
 from pathlib import Path
@@ -282,7 +283,9 @@ def test_incomplete_tree_is_rebuilt_from_the_zip(tmp_path, manifest_path, monkey
 
 def test_zip_without_top_folder_unpacks_into_extract_to(tmp_path, manifest_path, monkeypatch):
     fakes(monkeypatch, drive=FakeDrive(content=make_zip(VIDEOS, top=None)))
-    assert_videos_unpacked(mf.fetch("videos", tmp_path, manifest=manifest_path, quiet=True)["videos"])
+    root = mf.fetch("videos", tmp_path, manifest=manifest_path, quiet=True)["videos"]
+    assert_videos_unpacked(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755  # the temp folder renamed into place, not left 0700
 
 
 def test_verify_report(tmp_path, manifest_path, monkeypatch):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.metadata
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -95,8 +94,3 @@ def test_describe_runtime_gpu_line(monkeypatch):
     assert runtime.describe_runtime().endswith("GPU: Tesla T4, 15.0 GiB, sm75 -> float16")
     fake_gpu(monkeypatch, (8, 0), name="NVIDIA A100-SXM4-40GB", memory_gib=40)
     assert runtime.gpu_line() == "GPU: NVIDIA A100-SXM4-40GB, 40.0 GiB, sm80 -> bfloat16"
-
-
-def test_module_entry_point_prints_the_report():
-    result = subprocess.run([sys.executable, "-m", "duokit.runtime"], capture_output=True, text=True, check=True)
-    assert result.stdout.startswith("python ") and "\nGPU: " in result.stdout

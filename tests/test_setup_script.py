@@ -56,9 +56,10 @@ def test_syntax_and_options():
 
 
 def test_report_only_runs_the_real_runtime_report():
+    """Also the test of `python -m duokit.runtime`, which the script ends with (one slow torch import)."""
     result = run_script("--no-install", "--flash-attn", env={"PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr
-    assert "flash-attn: not tried (--no-install)" in result.stdout
+    assert "flash-attn: not tried (--no-install)" in result.stdout and "\npython " in result.stdout
     assert f"transformers: {importlib.metadata.version('transformers')}" in result.stdout
     assert "\nGPU: " in result.stdout
 

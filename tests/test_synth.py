@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from _vnbench_records import QUESTIONS as PUBLISHED_QUESTIONS
 
 from duokit.cli import main
 from duokit.data.scoring import prediction_record, score_predictions
@@ -21,7 +22,7 @@ from duokit.data.synth.needles import (
 )
 from duokit.data.synth.pools import FRUITS, LANDMARKS, NAMES, OBJECTS, POOLS, plural
 from duokit.data.synth.splits import split_of_file
-from duokit.data.synth.tasks import QUESTIONS, SUBTITLE, count_options, near_count_options
+from duokit.data.synth.tasks import SUBTITLE, count_options, near_count_options
 from duokit.data.synth.writer import write_synth_set
 from duokit.data.video import load_frames, write_video
 from duokit.data.vnbench import LETTERS, SUBTASKS, TRY_PERMUTATIONS, group_samples, load_annotations
@@ -123,7 +124,7 @@ def test_questions_and_option_rules(samples):
         assert len(set(sample.options)) == 4 and sample.gt in sample.options
         if subtask in ("ret_edit1", "ord_edit1", "cnt_edit1", "ret_insert1", "ret_insert2", "ord_insert1",
                        "ord_insert2"):
-            assert sample.question == QUESTIONS[subtask]
+            assert sample.question == PUBLISHED_QUESTIONS[subtask]  # verbatim, vnbench.md §2
     assert all(o in NAMES for o in samples["ret_edit1"].options)
     assert all(o in FRUITS for o in samples["ret_insert1"].options)
     assert all(o in LANDMARKS for o in samples["ret_insert2"].options)

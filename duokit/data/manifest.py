@@ -409,6 +409,7 @@ def _extract(zip_path: Path, root: Path, quiet: bool) -> dict[str, list[int]]:
         raise
 
     unpacked = tmp / root.name if nested else tmp
+    os.chmod(unpacked, 0o755)  # mkdtemp creates 0700; the data folder is an ordinary shared folder
     if root.exists():  # an earlier incomplete tree: the zip can always rebuild it
         old = root.with_name(f".{root.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -190,8 +190,9 @@ def read_predictions(path: str | Path) -> PredictionFile:
             skipped += 1  # eval.py: `if anno['pred'] is None: continue`
             continue
         records.append(_READERS[file_format](raw, where))
-    if file_format is None:
-        raise PredictionFormatError(f"{path}: no predictions in the file")
+    if not records:
+        raise PredictionFormatError(f"{path}: no predictions in the file"
+                                    + (f" ({skipped} line(s) skipped: null pred or torn last line)" if skipped else ""))
     if file_format == "evaluation_utils":
         _number_tries_by_order(records)
     return PredictionFile(path, file_format, records, skipped)

@@ -7,7 +7,6 @@ is the only place that touches a decoder (transformers.md §8: torchcodec, else 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -15,6 +14,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from duokit.io import atomic_output
 
 BACKENDS = ("auto", "torchcodec", "pyav")
 
@@ -77,23 +78,14 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     if not fps > 0:
         raise ValueError(f"write_video({path}): fps must be positive, got {fps}")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            stream.codec_context.thread_count = 1
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode(None))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a video is an ordinary shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
     return path
 
 

@@ -54,10 +54,11 @@ class SynthConfig:
             raise ValueError(f"per_task must be >= 1, got {self.per_task}")
         shortest = max(1, round(low * self.fps))
         if self.haystacks is None and shortest < self.frames_needed():
+            # Needles and gaps scale with fps too, so only a longer video or shorter needles help.
             raise ValueError(f"{low:g} s at {self.fps:g} fps is {shortest} frames, but the sub-tasks "
                              f"{list(self.tasks)} need {self.frames_needed()} for their needles of "
                              f"{self.needle_frames} frames with {self.gap_frames}-frame gaps; raise --seconds "
-                             "or --fps, or shorten --needle-seconds")
+                             f"to at least {self.frames_needed() / self.fps:g} or shorten --needle-seconds")
 
     @property
     def needle_frames(self) -> int:

@@ -76,7 +76,7 @@ def sample_starts(rng: np.random.Generator, total: int, count: int, length: int,
     free = total - count * length - (count - 1) * gap
     if free < 0:
         raise ValueError(f"cannot place {count} needles of {length} frames with {gap}-frame gaps in "
-                         f"{total} frames; use a longer haystack (--seconds), a higher --fps or shorter needles")
+                         f"{total} frames; use a longer haystack (--seconds) or shorter needles (--needle-seconds)")
     picks = np.sort(rng.choice(free + count, size=count, replace=False))
     return [int(pick) - k + k * (length + gap) for k, pick in enumerate(picks)]
 
