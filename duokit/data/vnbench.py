@@ -47,12 +47,6 @@ def subtask_from_video(video: str) -> str | None:
     return None
 
 
-def haystack_from_video(video: str) -> str:
-    stem = PurePosixPath(video.replace("\\", "/")).stem
-    subtask = subtask_from_video(video)
-    return stem[: -len(subtask) - 1] if subtask else stem
-
-
 def official_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
     """The prompt of the official README and LLaVA example (vnbench.md §6)."""
     lines = [question] + [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
