@@ -13,6 +13,7 @@ import sys
 # sub-command -> module defining `register(subparsers)`; the module's parser sets `func`.
 COMMAND_MODULES = {
     "data": "duokit.data.commands",
+    "eval": "duokit.eval_command",
     "score": "duokit.data.score_command",
     "synth": "duokit.data.synth.commands",
 }

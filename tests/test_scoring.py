@@ -501,6 +501,10 @@ def test_file_level_reading(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(PredictionFormatError, match="no predictions"):
         read_predictions(tmp_path / "empty.jsonl")
+    (tmp_path / "null.jsonl").write_text(json.dumps({"question_id": "a_ret_edit1_0", "pred": None, "gt": "A",
+                                                     "type": "ret_edit1"}) + "\n")
+    with pytest.raises(PredictionFormatError, match=r"null\.jsonl: no predictions in the file \(1 line"):
+        read_predictions(tmp_path / "null.jsonl")
     line = json.dumps({"question_id": "a_ret_edit1_0", "pred": "A", "gt": "A", "type": "ret_edit1"})
     (tmp_path / "broken.jsonl").write_text(line + "\n{oops\n" + line + "\n")
     with pytest.raises(PredictionFormatError, match="line 2: not valid JSON"):

@@ -55,6 +55,15 @@ class Method:
         """
         return None
 
+    def prepare_prefix(self, prefix: Any, model: Any, adapter: Any) -> Any:
+        """The shared prefix the engine prefills, possibly transformed by the method.
+
+        `prefix` is a `duokit.models.Prefix` (embeddings, position ids, video-token mask, the position
+        of the next text token). A method that pools or drops video tokens returns a new one, keeping
+        the kept tokens' original position ids and `next_position`. The base method returns it as is.
+        """
+        return prefix
+
     def estimate_kv_bytes(self, num_layers: int, num_kv_heads: int, head_dim: int,
                           num_tokens: int, dtype_bytes: int) -> int:
         """KV-cache bytes this method holds for `num_tokens` tokens (keys and values, every layer).

@@ -1,0 +1,214 @@
+"""`duokit eval`: evaluate a model with a method on VNBench into a resumable run directory.
+
+RUN/config.json       the full configuration, versions included; a re-run must match it
+RUN/predictions.jsonl one duokit prediction record per try, appended as produced (resumable)
+RUN/summary.json      {"scores": <scorer JSON>, "cost": {...}, "config": {...}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+# Config keys that decide what the predictions are; a resumed run must agree on all of them.
+RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_new_tokens",
+                "dtype", "samples")
+
+# Method-setting flags (`--method duo --pattern DIR --sparsity 0.5 --sink 64 --recent 256`, issue 5).
+METHOD_FLAGS = {"pattern": str, "sparsity": float, "sink": int, "recent": int}
+
+
+def register(subparsers) -> None:
+    from duokit.data.scoring import PARSERS
+
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a model + method on VNBench (resumable run directory)",
+        description="Evaluate a VNBench annotation file: per sample the video prefix is prefilled once and "
+                    "the 4 tries reuse it. Re-running with the same --out resumes.")
+    # Defaults that live in torch-importing modules are filled in by `evaluate`, keeping --help fast.
+    parser.add_argument("--model", default=None,
+                        help="hub id, local directory, or tiny:<family> "
+                             "(default: duokit.models.DEFAULT_MODEL, Qwen/Qwen2.5-VL-3B-Instruct)")
+    parser.add_argument("--method", default="baseline", help="method name (default: baseline)")
+    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method setting (repeatable); VALUE is parsed as JSON when it parses")
+    for flag, kind in METHOD_FLAGS.items():  # shortcuts for --setting KEY=VALUE (the duo method's settings)
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"same as --setting {flag}=VALUE")
+    parser.add_argument("--annotations", required=True, help="VNBench annotation JSON")
+    parser.add_argument("--videos", required=True, help="folder holding the videos")
+    parser.add_argument("--frames", type=int, required=True, help="frames sampled uniformly per video")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--per-task", type=int, default=None, help="evaluate N samples per sub-task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --per-task subset")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="prefill chunk in tokens (default: 2048)")
+    parser.add_argument("--parser", choices=PARSERS, default="official",
+                        help="answer parser (docs/scoring.md)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.set_defaults(func=run)
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--setting {pair!r}: expected KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from duokit import __version__
+
+    return {"duokit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def select_samples(annotations: str | Path, per_task: int | None, seed: int) -> list:
+    from duokit.data.vnbench import group_samples, load_annotations, stratified_subset
+
+    samples = group_samples(load_annotations(annotations))
+    return stratified_subset(samples, per_task, seed) if per_task else samples
+
+
+def write_config(out: Path, config: dict) -> dict:
+    """Write RUN/config.json (after checking an existing one describes the same run); returns it as stored."""
+    from duokit.io import atomic_write_json, read_json
+
+    path = out / "config.json"
+    config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples as lists, paths as str
+    if path.exists():
+        previous = read_json(path)
+        changed = [key for key in RUN_IDENTITY if previous.get(key) != config.get(key)]
+        if changed:
+            raise ValueError(f"{path}: this run directory holds a different run (differs in: "
+                             f"{', '.join(changed)}); use a new --out, or delete the directory to start over")
+    atomic_write_json(path, config)
+    return config
+
+
+def probe_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
+    """(height, width) of the first decodable video, for the memory planner (its default if none)."""
+    from duokit.data.video import VideoError, load_frames
+    from duokit.data.vnbench import resolve_video
+    from duokit.metrics import DEFAULT_FRAME_SIZE
+
+    for sample in samples:
+        try:
+            frame = load_frames(resolve_video(sample.video_name, videos), num_frames=1).frames[0]
+        except (VideoError, OSError):
+            continue
+        return frame.shape[0], frame.shape[1]
+    return DEFAULT_FRAME_SIZE
+
+
+def summarize_cost(records: list[dict]) -> dict:
+    """Run-level costs from the per-sample costs in the prediction records (docs/metrics.md)."""
+    per_sample = {r["sample_id"]: r["cost"] for r in records if r.get("cost")}
+    n_errors = len({r["sample_id"] for r in records if r.get("error")})
+    if not per_sample:
+        return {"n_samples": 0, "n_errors": n_errors}
+    costs = list(per_sample.values())
+
+    def mean(key: str) -> float:
+        return sum(c[key] for c in costs) / len(costs)
+
+    return {
+        "n_samples": len(costs),
+        "n_errors": n_errors,
+        "frames": mean("frames"),
+        "video_tokens": mean("video_tokens"),
+        "input_video_tokens": mean("input_video_tokens"),
+        "prefix_tokens": mean("prefix_tokens"),
+        "kv_bytes": mean("kv_bytes"),
+        "kv_bytes_max": max(c["kv_bytes"] for c in costs),
+        "peak_memory_bytes_max": max(c["peak_memory_bytes"] for c in costs),
+        "peak_memory_growth_bytes_max": max(c["peak_memory_growth_bytes"] for c in costs),
+        "peak_memory_exact": all(c["peak_memory_exact"] for c in costs),
+        "vision_s": mean("vision_s"),
+        "prefill_s": mean("prefill_s"),
+        "decode_s_per_token": mean("decode_s_per_token"),
+        "needle_coverage": sum(c["needles_missed"] == 0 for c in costs) / len(costs),
+    }
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run (or resume) the evaluation; returns the summary written to RUN/summary.json."""
+    from tqdm.auto import tqdm
+
+    from duokit.data.scoring import score_predictions
+    from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS, evaluate_sample
+    from duokit.io import JsonlLog, atomic_write_json
+    from duokit.methods import get_method
+    from duokit.metrics import plan_memory, warn_if_too_big
+    from duokit.models import DEFAULT_MODEL, load_vlm
+
+    args.model = args.model or DEFAULT_MODEL
+    args.chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
+    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
+    if args.frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {args.frames}")
+    if not Path(args.videos).is_dir():
+        raise FileNotFoundError(f"--videos {args.videos}: not a folder; fetch the videos first "
+                                "(`duokit data`)")
+    flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag, None) is not None}
+    method = get_method(args.method, **{**parse_settings(args.setting), **flags})
+    samples = select_samples(args.annotations, args.per_task, args.seed)
+    out = Path(args.out)
+    config = {
+        "model": args.model, "method": method.settings(),
+        "annotations": str(Path(args.annotations).resolve()),
+        "videos": str(Path(args.videos).resolve()), "frames": args.frames, "per_task": args.per_task,
+        "seed": args.seed, "parser": args.parser, "max_new_tokens": args.max_new_tokens,
+        "chunk_size": args.chunk_size, "dtype": args.dtype, "device": args.device,
+        "samples": [sample.sample_id for sample in samples], "versions": versions(),
+    }
+    config = write_config(out, config)
+    log = JsonlLog(out / "predictions.jsonl", key="record_id")
+    todo = [s for s in samples if any(record.record_id not in log for record in s.tries)]
+
+    if todo:
+        model, _, adapter = load_vlm(args.model, dtype=args.dtype, device=args.device)
+        height, width = probe_frame_size(todo, args.videos)
+        plan = plan_memory(model, adapter, method, args.frames, height, width, chunk_size=args.chunk_size)
+        print(plan.describe(), file=sys.stderr)
+        warn_if_too_big(plan)
+        bar = tqdm(todo, desc="eval", unit="sample", initial=len(samples) - len(todo), total=len(samples))
+        with method.apply(model, adapter):
+            for sample in bar:
+                records = evaluate_sample(model, adapter, method, sample, args.videos, args.frames,
+                                          args.parser, args.chunk_size, args.max_new_tokens, skip=log.done)
+                for record in records:
+                    log.append(record)
+                correct = sum(r["correct"] for r in log.records)
+                bar.set_postfix(acc_1try=f"{correct / len(log.records):.3f}")
+    wanted = {record.record_id for sample in samples for record in sample.tries}
+    records = [r for r in log.records if r["record_id"] in wanted]
+    summary = {"scores": score_predictions(records), "cost": summarize_cost(records), "config": config}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        summary = evaluate(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"duokit eval: error: {err}", file=sys.stderr)
+        return 1
+    scores = summary["scores"]
+    print(f"{args.out}: Overall {100 * scores['overall']:.1f}% (4-try), {100 * scores['overall_1try']:.1f}% "
+          f"(1-try) on {scores['n_samples']} samples")
+    return 0

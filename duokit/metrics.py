@@ -1,0 +1,230 @@
+"""Cost metrics: KV-cache bytes, peak memory, timers, and the memory planner.
+
+Definitions are in docs/metrics.md. `kv_cache_bytes` counts what a cache really holds, so a method's
+custom cache layer is measured truthfully as long as it keeps its tensors as attributes (plain
+tensors, or lists/tuples of tensors).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Self
+
+import torch
+
+PROC_STATUS = "/proc/self/status"
+PROC_CLEAR_REFS = "/proc/self/clear_refs"
+# Writing "5" to clear_refs resets the peak RSS (VmHWM) of this process (Linux >= 4.0, proc(5)).
+RESET_PEAK_RSS = "5"
+DEFAULT_FRAME_SIZE = (360, 640)  # (height, width) assumed when the planner is not told the video size
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Sum of `nbytes` of every tensor attribute (also in lists/tuples) of every layer in `cache.layers`."""
+    if cache is None:
+        return 0
+    total = 0
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            total += sum(item.nbytes for item in items if isinstance(item, torch.Tensor))
+    return total
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work so wall-clock timings measure the work, not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """`with watch: ...` adds the (device-synchronized) wall time of the block to `watch.seconds`."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> Self:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open(PROC_STATUS, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open(PROC_CLEAR_REFS, "w", encoding="ascii") as handle:
+            handle.write(RESET_PEAK_RSS)
+        return True
+    except OSError:
+        return False
+
+
+def _max_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS; it never resets.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a block. On CUDA: `max_memory_allocated` after `reset_peak_memory_stats` (absolute
+    bytes, weights included) and its growth over the bytes allocated at the start. On CPU: peak RSS
+    growth, from VmHWM after resetting it through /proc/self/clear_refs; where that is unavailable, from
+    `ru_maxrss`, which never resets, so the growth is 0 unless the block sets a new process-wide peak
+    (`exact` is then False).
+    """
+
+    device: str
+    peak_bytes: int = 0
+    growth_bytes: int = 0
+    exact: bool = True
+
+    @contextmanager
+    def measure(self):
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            yield self
+            synchronize(device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(device)
+            self.growth_bytes = self.peak_bytes - start
+            return
+        self.exact = _reset_peak_rss() and _status_kib("VmHWM") is not None
+        start = _status_kib("VmRSS") * 1024 if self.exact else _max_rss_bytes()
+        yield self
+        self.peak_bytes = _status_kib("VmHWM") * 1024 if self.exact else _max_rss_bytes()
+        self.growth_bytes = max(0, self.peak_bytes - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory planner.
+
+@dataclass
+class MemoryPlan:
+    weights_bytes: int
+    kv_bytes: int  # the prefilled prefix cache + the try's copy with its suffix and answer
+    activation_bytes: int
+    prefix_tokens: int
+    video_tokens: int
+    available_bytes: int | None  # GPU memory (or available RAM on CPU); None when unknown
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.total_bytes <= self.available_bytes
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+    def describe(self) -> str:
+        where = "unknown" if self.available_bytes is None else format_bytes(self.available_bytes)
+        return (f"memory plan: weights {format_bytes(self.weights_bytes)} + KV {format_bytes(self.kv_bytes)} "
+                f"+ activations ~{format_bytes(self.activation_bytes)} = {format_bytes(self.total_bytes)} "
+                f"(prefix {self.prefix_tokens} tokens, {self.video_tokens} video); available {where}")
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
+def dtype_bytes(model: Any) -> int:
+    return torch.finfo(model.dtype).bits // 8
+
+
+def estimate_kv_bytes(adapter: Any, method: Any, num_tokens: int, dtype_size: int) -> int:
+    """KV bytes `method` keeps for `num_tokens` tokens of `adapter`'s language model."""
+    return method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, num_tokens,
+                                    dtype_size)
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    kib = _meminfo_kib("MemAvailable")
+    return None if kib is None else kib * 1024
+
+
+def _meminfo_kib(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
+                frame_height: int = DEFAULT_FRAME_SIZE[0], frame_width: int = DEFAULT_FRAME_SIZE[1],
+                chunk_size: int = 2048, suffix_tokens: int = 256, max_new_tokens: int = 5) -> MemoryPlan:
+    """Estimate the memory of evaluating one sample: weights + KV + activations.
+
+    The prefix token count is exact: the real processor runs on `num_frames` black frames of the given
+    size (default: an assumed 640x360; `duokit eval` passes the size of the first video). Activations
+    are an upper-bound heuristic for one prefill chunk: attention scores as the math sdpa kernel
+    materialises them (fp32), the MLP's intermediate states and a few hidden-size buffers, plus the
+    prefix embeddings; the vision tower is not counted (docs/metrics.md).
+    """
+    import numpy as np
+
+    frames = None
+    if adapter.is_multimodal:
+        frames = np.zeros((num_frames, frame_height, frame_width, 3), dtype=np.uint8)
+    inputs = adapter.build_prefix(frames, fps=1.0)
+    prefix_tokens = int(inputs["input_ids"].shape[1])
+    video_tokens = int(adapter.video_mask(inputs["input_ids"]).sum())
+    size = dtype_bytes(model)
+    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
+    kv = (estimate_kv_bytes(adapter, method, prefix_tokens, size)
+          + estimate_kv_bytes(adapter, method, try_tokens, size))
+    config = adapter.text_config
+    chunk = min(chunk_size, prefix_tokens)
+    scores = chunk * try_tokens * adapter.num_heads * 4
+    mlp = chunk * config.intermediate_size * 3 * size
+    hidden = chunk * config.hidden_size * 8 * size
+    embeds = prefix_tokens * config.hidden_size * size
+    logits = config.vocab_size * 4  # the engine projects only the last position, in fp32 for argmax
+    return MemoryPlan(weights_bytes=weights, kv_bytes=kv,
+                      activation_bytes=scores + mlp + hidden + embeds + logits,
+                      prefix_tokens=prefix_tokens, video_tokens=video_tokens,
+                      available_bytes=available_memory_bytes(model.device))
+
+
+def warn_if_too_big(plan: MemoryPlan) -> bool:
+    """Warn (and return False) when the planned memory exceeds what the device has."""
+    if plan.fits:
+        return True
+    warnings.warn(f"this run will probably not fit: {plan.describe()}. Use fewer --frames, a smaller model, "
+                  "a smaller --chunk-size or a method that keeps less KV.", stacklevel=2)
+    return False

@@ -1,0 +1,39 @@
+"""LLaVA-OneVision: frames through SigLIP, bilinear 2x pooling, one newline token after the video.
+
+The processor expands the `<video>` placeholder into frames x tokens-per-frame + 1 video tokens; the
+language model (Qwen2) uses plain 1-D positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from duokit.models.base import Adapter, Prefix
+
+
+class LlavaOnevisionAdapter(Adapter):
+    family = "llava_onevision"
+    model_types = ("llava_onevision",)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_index
+
+    def embed_prefix(self, inputs: Any) -> Prefix:
+        prefix = super().embed_prefix(inputs)
+        if "pixel_values_videos" not in inputs:
+            return prefix
+        config = self.model.config
+        with torch.no_grad():
+            video = self.model.model.get_video_features(
+                inputs["pixel_values_videos"], vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True)
+        features = video.pooler_output.flatten(0, 1).to(prefix.inputs_embeds)
+        if features.shape[0] != prefix.num_video_tokens:
+            raise ValueError(f"{features.shape[0]} video features for {prefix.num_video_tokens} video tokens")
+        embeds = prefix.inputs_embeds
+        video_slots = prefix.video_mask[None, :, None].expand_as(embeds)
+        prefix.inputs_embeds = embeds.masked_scatter(video_slots, features)
+        return prefix

@@ -1,0 +1,235 @@
+"""The engine (prefix once, 4 tries) against `model.generate`, the method hook, `duokit eval` end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+
+from duokit.cli import main
+from duokit.data.video import write_video
+from duokit.data.vnbench import LETTERS, official_prompt, permuted_options
+from duokit.engine import answer_tries
+from duokit.io import iter_jsonl
+from duokit.methods import get_method
+from duokit.methods.base import Method
+from duokit.models import TINY_FAMILIES, load_vlm
+
+OPTIONS = ["Alice", "Bob", "Carol", "Dave"]
+QUESTIONS = ["What is the secret word?", "Which word appeared first?", "Who is shown in the video?",
+             "Name the card."]
+# Four tries in the official prompt format; different questions make the tiny models' answers differ.
+PROMPTS = [official_prompt(question, options)
+           for question, options in zip(QUESTIONS, permuted_options(OPTIONS))]
+# A low frame rate spreads Qwen's temporal M-RoPE positions past the prompt's text positions (as on
+# VNBench: 8 frames of a 3-minute video), the case where decode positions are easiest to get wrong.
+FPS = 0.25
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_vlm(f"tiny:{family}")
+        return cache[family]
+
+    return get
+
+
+def frames(count: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 96, 128, 3), dtype=np.uint8)
+
+
+def shared_part(adapter):
+    """(frames, context): a video for VLMs, a text-only prefix for text LMs."""
+    if adapter.is_multimodal:
+        return frames(), None
+    return None, "The secret word of the day is written on a red card. " * 4
+
+
+def generate_tokens(model, adapter, video, context, prompt, max_new_tokens=5) -> list[int]:
+    inputs = adapter.build_inputs(video, FPS, prompt, context=context)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_engine_tokens_equal_generate_on_the_full_prompt(loaded, family):
+    model, _, adapter = loaded(family)
+    video, context = shared_part(adapter)
+    method = get_method("baseline")
+    with method.apply(model, adapter):
+        # A chunk of 16 tokens splits the prefix (video included) over several prefill calls.
+        result = answer_tries(model, adapter, method, video, FPS, PROMPTS, context=context, chunk_size=16)
+    for prompt, answer in zip(PROMPTS, result.answers):
+        assert answer.tokens == generate_tokens(model, adapter, video, context, prompt)
+        assert answer.text == adapter.tokenizer.decode(answer.tokens, skip_special_tokens=True)
+    # The tries share the prefix; differing answers show each try's suffix really reaches the model.
+    assert len({tuple(answer.tokens) for answer in result.answers}) > 1
+
+
+@dataclass
+class ShiftedSuffix(Method):
+    """Test method: moves the suffix positions; the tokens must then differ (the test above can fail)."""
+
+    name = "test-shifted-suffix"
+
+    def prepare_prefix(self, prefix, model, adapter):
+        return replace(prefix, next_position=prefix.next_position + 40)
+
+
+def test_wrong_positions_are_detected(loaded):
+    model, _, adapter = loaded("qwen2_5_vl")
+    method = ShiftedSuffix()
+    result = answer_tries(model, adapter, method, frames(), FPS, PROMPTS[:2])
+    expected = [generate_tokens(model, adapter, frames(), None, prompt) for prompt in PROMPTS[:2]]
+    assert [answer.tokens for answer in result.answers] != expected
+
+
+@dataclass
+class DropHalfTheVideo(Method):
+    """Test method: keeps every other video token with its original position (token pruning)."""
+
+    name = "test-drop-half"
+
+    def prepare_prefix(self, prefix, model, adapter):
+        video_positions = prefix.video_mask.nonzero()[:, 0]
+        keep = torch.ones_like(prefix.video_mask)
+        keep[video_positions[1::2]] = False
+        return replace(prefix, input_ids=prefix.input_ids[:, keep],
+                       inputs_embeds=prefix.inputs_embeds[:, keep],
+                       position_ids=prefix.position_ids[..., keep], video_mask=prefix.video_mask[keep])
+
+
+def test_prepare_prefix_hook_shrinks_what_is_prefilled(loaded):
+    model, _, adapter = loaded("qwen2_5_vl")
+    full = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
+    pruned = answer_tries(model, adapter, DropHalfTheVideo(), frames(), FPS, PROMPTS[:1])
+    video_tokens = full.cost["video_tokens"]
+    assert pruned.cost["input_video_tokens"] == video_tokens
+    assert pruned.cost["video_tokens"] == video_tokens // 2
+    assert pruned.cost["prefix_tokens"] == full.cost["prefix_tokens"] - video_tokens // 2
+    bytes_per_token = full.cost["kv_bytes"] // full.cost["prefix_tokens"]
+    assert pruned.cost["kv_bytes"] == bytes_per_token * pruned.cost["prefix_tokens"]
+    assert len(pruned.answers[0].tokens) == 5
+
+
+def test_engine_reports_costs(loaded):
+    model, _, adapter = loaded("llava_onevision")
+    result = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
+    cost = result.cost
+    assert cost["frames"] == 8
+    assert cost["video_tokens"] == 8 * 4 + 1  # 2x2 pooled tokens per 56-px frame + one newline token
+    # K and V x 2 layers x 2 KV heads x head_dim 16 x 4 bytes (fp32) per prefix token
+    assert cost["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * cost["prefix_tokens"]
+    assert cost["prefill_s"] > 0 and cost["decode_s_per_token"] > 0
+    assert cost["peak_memory_bytes"] > 0
+
+
+def test_chunk_size_must_be_positive(loaded):
+    model, _, adapter = loaded("llama")
+    with pytest.raises(ValueError, match="chunk_size"):
+        answer_tries(model, adapter, get_method("baseline"), None, None, PROMPTS[:1], context="x",
+                     chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# `duokit eval` end to end.
+
+SAMPLES = ["h0_ret_edit1", "h1_cnt_insert1", "h2_ord_edit1", "h3_cnt_edit1"]
+
+
+def write_dataset(root):
+    """Two decodable videos, one missing and one corrupt, 4 tries each, in the VNBench annotation schema."""
+    videos = root / "videos"
+    videos.mkdir()
+    records = []
+    for index, name in enumerate(SAMPLES):
+        if name == "h3_cnt_edit1":
+            (videos / f"{name}.mp4").write_bytes(b"not a video")
+        elif name != "h2_ord_edit1":  # h2's video is missing
+            write_video(videos / f"{name}.mp4", frames(count=20, seed=index), fps=10.0)
+        gt = OPTIONS[index]
+        for try_index, options in enumerate(permuted_options(OPTIONS)):
+            records.append({"video": f"./VNBench/{name}.mp4", "question": "What is the secret word?",
+                            "options": options, "gt": gt, "gt_option": LETTERS[options.index(gt)],
+                            "type": name.split("_", 1)[1], "try": try_index, "needle_time": [0.5],
+                            "length": 2.0})
+    annotations = root / "annotations.json"
+    annotations.write_text(json.dumps(records))
+    return annotations, videos
+
+
+def eval_args(annotations, videos, out, frames_count=4):
+    return ["eval", "--model", "tiny:qwen2_5_vl", "--method", "baseline", "--annotations", str(annotations),
+            "--videos", str(videos), "--frames", str(frames_count), "--out", str(out), "--chunk-size", "32"]
+
+
+def test_eval_cli_writes_a_resumable_run(tmp_path, capsys, monkeypatch):
+    annotations, videos = write_dataset(tmp_path)
+    run = tmp_path / "run"
+    assert main(eval_args(annotations, videos, run)) == 0
+
+    predictions = list(iter_jsonl(run / "predictions.jsonl"))
+    assert len(predictions) == 16
+    assert len({p["record_id"] for p in predictions}) == 16
+    failed = [p for p in predictions if p["sample_id"] in ("h2_ord_edit1", "h3_cnt_edit1")]
+    assert len(failed) == 8 and all(p["correct"] is False and p["raw_output"] is None for p in failed)
+    assert all("video not found" in p["error"] for p in failed if p["sample_id"] == "h2_ord_edit1")
+    assert all("cannot decode" in p["error"] for p in failed if p["sample_id"] == "h3_cnt_edit1")
+    decoded = [p for p in predictions if p not in failed]
+    assert all(p["error"] is None and len(p["output_tokens"]) == 5 for p in decoded)
+    assert all(p["cost"]["frames"] == 4 and p["cost"]["needles_missed"] == 0 for p in decoded)
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["scores"]["n_samples"] == 4 and summary["scores"]["n_records"] == 16
+    assert summary["scores"]["overall_1try"] == pytest.approx(sum(p["correct"] for p in predictions) / 16)
+    assert summary["cost"]["n_samples"] == 2 and summary["cost"]["n_errors"] == 2
+    assert summary["cost"]["needle_coverage"] == 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["frames"] == 4 and config["method"] == {"name": "baseline"}
+    assert set(config["versions"]) >= {"torch", "transformers", "duokit"}
+
+    # Re-run after deleting the summary and two tries of a decoded sample: only those two are redone,
+    # appended after the untouched lines, with the same answers.
+    def without_timings(record):
+        return {key: value for key, value in record.items() if key != "cost"}
+
+    lines = (run / "predictions.jsonl").read_text().splitlines(keepends=True)
+    redo = ("h1_cnt_insert1_2", "h1_cnt_insert1_3")
+    removed = [i for i, p in enumerate(predictions) if p["record_id"] in redo]
+    kept = [line for i, line in enumerate(lines) if i not in removed]
+    (run / "predictions.jsonl").write_text("".join(kept))
+    (run / "summary.json").unlink()
+    assert main(eval_args(annotations, videos, run)) == 0
+    assert (run / "predictions.jsonl").read_text().splitlines(keepends=True)[:14] == kept
+    redone = list(iter_jsonl(run / "predictions.jsonl"))[14:]
+    assert [without_timings(p) for p in redone] == [without_timings(predictions[i]) for i in removed]
+    assert json.loads((run / "summary.json").read_text())["scores"] == summary["scores"]
+
+    # A finished run re-runs without loading the model and adds nothing.
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run must not load the model")
+
+    monkeypatch.setattr("duokit.models.load_vlm", no_model)
+    assert main(eval_args(annotations, videos, run)) == 0
+    assert len(list(iter_jsonl(run / "predictions.jsonl"))) == 16
+
+    # The same directory with other settings is refused with one clear message.
+    assert main(eval_args(annotations, videos, run, frames_count=6)) == 1
+    assert "differs in: frames" in capsys.readouterr().err
+
+
+def test_eval_cli_reports_bad_input(tmp_path, capsys):
+    annotations, videos = write_dataset(tmp_path)
+    assert main(eval_args(annotations, tmp_path / "nowhere", tmp_path / "run")) == 1
+    assert "not a folder" in capsys.readouterr().err
+    args = eval_args(annotations, videos, tmp_path / "run")
+    args[args.index("baseline")] = "no-such-method"
+    assert main(args) == 1
+    assert "unknown method" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Cost metrics: KV bytes of real and custom caches, the memory planner, peak memory, timers."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from duokit.engine import new_cache, prefill
+from duokit.methods import get_method
+from duokit.metrics import MemoryPlan, PeakMemory, Stopwatch, kv_cache_bytes, plan_memory, warn_if_too_big
+from duokit.models import load_vlm
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_vlm("tiny:qwen2_5_vl")
+
+
+def prefilled(model, adapter, video, method):
+    prefix = adapter.embed_prefix(adapter.build_prefix(video, 1.0))
+    return prefix, prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
+
+
+@pytest.mark.parametrize("name", ["tiny:qwen2_5_vl", "tiny:llama"])
+def test_kv_estimate_equals_measured_bytes(name):
+    model, _, adapter = load_vlm(name)
+    method = get_method("baseline")
+    video = np.zeros((8, 64, 64, 3), dtype=np.uint8) if adapter.is_multimodal else None
+    if video is None:
+        prefix = adapter.embed_prefix(adapter.build_prefix(None, None, context="some text " * 20))
+        cache = prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
+    else:
+        prefix, cache = prefilled(model, adapter, video, method)
+    estimate = method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim,
+                                        prefix.num_tokens, dtype_bytes=4)
+    assert kv_cache_bytes(cache) == estimate == 2 * 2 * 2 * 16 * 4 * prefix.num_tokens
+
+
+class ListLayer(DynamicLayer):
+    """A custom layer keeping its tensors in a list and a tuple, plus non-tensor attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = [torch.zeros(3, dtype=torch.float32), torch.zeros(5, dtype=torch.float16)]
+        self.pair = (torch.zeros(2, 2, dtype=torch.int64), "not a tensor")
+        self.note = "metadata"
+
+
+def test_kv_bytes_count_tensors_in_lists_and_tuples():
+    cache = Cache(layers=[ListLayer(), ListLayer()])
+    assert kv_cache_bytes(cache) == 2 * (3 * 4 + 5 * 2 + 4 * 8)
+    assert kv_cache_bytes(None) == 0
+
+
+def test_memory_plan_uses_the_real_prefix_and_the_method_estimate(qwen):
+    model, _, adapter = qwen
+    method = get_method("baseline")
+    plan = plan_memory(model, adapter, method, num_frames=8, frame_height=64, frame_width=64, chunk_size=32,
+                       suffix_tokens=100, max_new_tokens=5)
+    prefix, cache = prefilled(model, adapter, np.zeros((8, 64, 64, 3), dtype=np.uint8), method)
+    assert plan.prefix_tokens == prefix.num_tokens and plan.video_tokens == prefix.num_video_tokens
+    per_token = kv_cache_bytes(cache) // prefix.num_tokens
+    assert plan.kv_bytes == per_token * (2 * prefix.num_tokens + 100 + 5)  # prefix + the try's copy
+    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    assert plan.weights_bytes == weights
+    assert plan.activation_bytes > 0
+    assert plan.total_bytes == plan.weights_bytes + plan.kv_bytes + plan.activation_bytes
+    assert plan.fits  # a tiny model fits in this machine's RAM
+    assert plan.to_json()["total_bytes"] == plan.total_bytes
+
+
+def test_planner_warns_when_a_run_will_not_fit():
+    too_big = MemoryPlan(weights_bytes=3 * 2**30, kv_bytes=2**30, activation_bytes=0, prefix_tokens=10,
+                         video_tokens=5, available_bytes=2**30)
+    with pytest.warns(UserWarning, match="will probably not fit"):
+        assert warn_if_too_big(too_big) is False
+    fits = MemoryPlan(1, 1, 1, 1, 0, available_bytes=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_too_big(fits) is True
+
+
+def test_peak_memory_sees_a_cpu_allocation():
+    memory = PeakMemory("cpu")
+    with memory.measure():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if sys.platform == "linux":  # VmHWM reset through /proc/self/clear_refs
+        assert memory.exact and memory.growth_bytes >= 60 * 2**20
+    assert memory.peak_bytes > 0
+
+
+def test_stopwatch_accumulates():
+    watch = Stopwatch("cpu")
+    for _ in range(2):
+        with watch:
+            time.sleep(0.01)
+    assert 0.02 <= watch.seconds < 1.0
