@@ -28,3 +28,20 @@ def test_help_does_not_import_torch():
 def test_module_entry_point_reports_version():
     out = subprocess.run([sys.executable, "-m", "duokit", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("duokit ")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    script = tmp_path / "spam.py"
+    script.write_text(
+        "import argparse, sys\n"
+        "from duokit import cli\n"
+        "def spam(args):\n"
+        "    while True:\n"
+        "        print('x' * 1000)\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.set_defaults(func=spam)\n"
+        "cli.build_parser = lambda commands=None: parser\n"
+        "sys.exit(cli.main([]))\n")
+    reader = subprocess.run(f"{sys.executable} {script} | head -c 10", shell=True, capture_output=True, text=True)
+    assert reader.stdout == "x" * 10
+    assert "Traceback" not in reader.stderr, reader.stderr
