@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = {
     "data": "duokit.data.commands",
     "eval": "duokit.eval_command",
+    "pattern": "duokit.methods.duo.commands",
     "score": "duokit.data.score_command",
     "synth": "duokit.data.synth.commands",
 }

@@ -33,7 +33,8 @@ def get_method(name: str, **settings: Any) -> Method:
 
 def _import_builtin_methods() -> None:
     # Importing a method module registers it; kept lazy so `duokit.methods` imports without torch.
-    import duokit.methods.baseline  # noqa: F401
+    import duokit.methods.baseline
+    import duokit.methods.duo.method  # noqa: F401
 
 
 @dataclass

@@ -1,0 +1,118 @@
+"""DuoAttention memory: KV bytes held vs the analytic formula, and peak RSS vs the sdpa baseline.
+
+Each (variant, length) runs in a fresh subprocess, with glibc's mmap threshold at 64 KiB, so neither
+another run nor the heap allocator's retained free blocks hide or inflate a peak. A run prefills `length` random tokens in chunks and decodes 4
+tokens; peak memory is the RSS growth over the loaded model (duokit.metrics.PeakMemory).
+
+    python benchmarks/duo_memory.py                      # default: 2k and 4k tokens (a few minutes on 2 cores)
+    python benchmarks/duo_memory.py --lengths 8192 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _duo_bench as bench
+
+DECODE_TOKENS = 4
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One run in this process: the worker side."""
+    import torch
+
+    from duokit.metrics import PeakMemory, kv_cache_bytes
+
+    model = bench.build_model(args)
+    method = bench.make_duo(args) if args.variant == "duo" else None
+    ids = bench.token_ids(args.worker_length, args.vocab, args.device)
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    apply = method.apply(model, None) if method else _nothing()
+    memory = PeakMemory(args.device)
+    with apply, memory.measure():
+        cache = bench.new_cache(model, method)
+        token = bench.prefill(model, cache, ids, args.chunk).argmax(-1)
+        for _ in range(DECODE_TOKENS):
+            token = bench.decode_step(model, cache, token)
+    tokens = args.worker_length + DECODE_TOKENS
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    formula = (method.estimate_kv_bytes(config.num_hidden_layers, config.num_key_value_heads, head_dim, tokens,
+                                        dtype_bytes) if method else
+               2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * dtype_bytes)
+    return {"variant": args.variant, "tokens": tokens, "kv_bytes": kv_cache_bytes(cache), "formula_bytes": formula,
+            "peak_growth_bytes": memory.growth_bytes, "peak_exact": memory.exact,
+            "weights_bytes": sum(p.nbytes for p in model.parameters())}
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def run_worker(argv: list[str], variant: str, length: int) -> dict:
+    command = [sys.executable, __file__, *argv, "--variant", variant, "--worker-length", str(length)]
+    # glibc serves allocations >= 64 KiB with mmap and returns them on free, so RSS follows the live
+    # tensors instead of what the heap allocator keeps after a free (mallopt(3), M_MMAP_THRESHOLD).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} at {length} tokens failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench.add_model_arguments(parser)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--variant", choices=["baseline", "duo"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.worker_length:
+        print(json.dumps(measure(args)))
+        return 0
+    passthrough = _without_option(argv, "--lengths", "--json")
+    mib = 2**20
+    print(f"Qwen2 hidden {args.hidden}, {args.layers} layers, {args.heads} q / {args.kv_heads} KV heads, "
+          f"{args.dtype}; duo: sparsity {args.sparsity}, sink {args.sink}, recent {args.recent}; chunk {args.chunk}")
+    print(f"{'tokens':>7} {'KV base MiB':>11} {'KV duo MiB':>10} {'formula':>8} {'KV ratio':>8} "
+          f"{'peak base MiB':>13} {'peak duo MiB':>12} {'peak ratio':>10}")
+    rows = []
+    for length in args.lengths:
+        base, duo = run_worker(passthrough, "baseline", length), run_worker(passthrough, "duo", length)
+        exact = duo["kv_bytes"] == duo["formula_bytes"] and base["kv_bytes"] == base["formula_bytes"]
+        rows.append({"baseline": base, "duo": duo, "formula_exact": exact})
+        print(f"{duo['tokens']:>7} {base['kv_bytes'] / mib:>11.1f} {duo['kv_bytes'] / mib:>10.1f} "
+              f"{'exact' if exact else 'MISMATCH':>8} {base['kv_bytes'] / duo['kv_bytes']:>7.2f}x "
+              f"{base['peak_growth_bytes'] / mib:>13.1f} {duo['peak_growth_bytes'] / mib:>12.1f} "
+              f"{base['peak_growth_bytes'] / max(duo['peak_growth_bytes'], 1):>9.2f}x")
+    if args.json:
+        from duokit.io import atomic_write_json
+
+        atomic_write_json(args.json, rows)
+    return 0 if all(row["formula_exact"] for row in rows) else 1
+
+
+def _without_option(argv: list[str], *options: str) -> list[str]:
+    """`argv` minus the given options and their values (the workers get one length each)."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg.split("=")[0] in options
+        if not skipping:
+            kept.append(arg)
+    return kept
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A KV cache that stores retrieval and streaming KV heads separately (duoattention.md §8.2).
+
+Retrieval heads keep every token; streaming heads keep the first `sink` tokens and the `recent`
+most recent ones, so their memory is really never allocated beyond sink + recent. The recipe is the
+per-head layer of transformers.md §5: `update` returns a `SplitKV` (not a tensor), which the model
+hands unchanged to the `duokit_duo` attention function; eviction happens after the current step.
+Batch size 1 only: no padding masks, no beam search, no cropping.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+@dataclass(frozen=True)
+class SplitKV:
+    """Keys (or values) of one layer for the current step, the two head groups apart.
+
+    `streaming` holds the cached sink + recent tokens followed by this step's tokens. Entry `i` of
+    it is the token at position `i` if `i < sink`, else at position `i + streaming_offset`.
+    """
+
+    retrieval: torch.Tensor  # [B, len(retrieval_heads), past_length + q_len, D]
+    streaming: torch.Tensor  # [B, len(streaming_heads), cached + q_len, D]
+    retrieval_heads: tuple[int, ...]
+    streaming_heads: tuple[int, ...]
+    sink: int
+    recent: int
+    past_length: int
+    streaming_offset: int
+    full_first_chunk: bool
+
+
+def select_heads(states: torch.Tensor, heads: tuple[int, ...], dim: int = 1) -> torch.Tensor:
+    """`states` restricted to `heads` along `dim`, as a view when the heads are a contiguous run."""
+    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return states.narrow(dim, heads[0], len(heads))
+    return states.index_select(dim, head_index(heads, states.device))
+
+
+@functools.lru_cache(maxsize=1024)
+def head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Index tensors are cached here, not on the cache layers, whose tensors are all KV (kv_cache_bytes)."""
+    return torch.tensor(heads, dtype=torch.long, device=device)
+
+
+class DuoLayer(DynamicLayer):
+    """One layer: `keys`/`values` hold the retrieval heads (all tokens), `streaming_keys`/
+    `streaming_values` the streaming heads (at most sink + recent tokens). GQA is per KV head.
+    """
+
+    is_croppable = False
+
+    def __init__(self, retrieval: Sequence[bool], sink: int, recent: int, full_first_chunk: bool = False):
+        super().__init__()
+        if sink < 0 or recent < 0:
+            raise ValueError(f"sink and recent must be >= 0, got sink={sink}, recent={recent}")
+        self.retrieval_heads = tuple(i for i, keep in enumerate(retrieval) if keep)
+        self.streaming_heads = tuple(i for i, keep in enumerate(retrieval) if not keep)
+        self.sink, self.recent, self.full_first_chunk = int(sink), int(recent), bool(full_first_chunk)
+        self.streaming_keys: torch.Tensor | None = None
+        self.streaming_values: torch.Tensor | None = None
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        num_kv_heads = len(self.retrieval_heads) + len(self.streaming_heads)
+        if key_states.shape[1] != num_kv_heads:
+            raise ValueError(f"DuoLayer expects {num_kv_heads} KV heads, got keys of shape {tuple(key_states.shape)}")
+        if key_states.shape[0] != 1:
+            raise ValueError(f"the DuoAttention cache supports batch size 1 only, got {key_states.shape[0]}")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.keys, self.streaming_keys = select_heads(empty, self.retrieval_heads), select_heads(empty, self.streaming_heads)
+        empty = value_states[:, :, :0]
+        self.values, self.streaming_values = select_heads(empty, self.retrieval_heads), select_heads(empty, self.streaming_heads)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[SplitKV, SplitKV]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        past_length = self.cumulative_length
+        # Positions of the cached streaming entries: contiguous until the first eviction, then sink + tail.
+        cached = self.streaming_keys.shape[-2]
+        offset = past_length - cached
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, select_heads(key_states, self.retrieval_heads)], dim=-2)
+        self.values = torch.cat([self.values, select_heads(value_states, self.retrieval_heads)], dim=-2)
+        streaming_keys = torch.cat([self.streaming_keys, select_heads(key_states, self.streaming_heads)], dim=-2)
+        streaming_values = torch.cat([self.streaming_values, select_heads(value_states, self.streaming_heads)], dim=-2)
+        layout = {"retrieval_heads": self.retrieval_heads, "streaming_heads": self.streaming_heads,
+                  "sink": self.sink, "recent": self.recent, "past_length": past_length,
+                  "streaming_offset": offset, "full_first_chunk": self.full_first_chunk}
+        split = (SplitKV(self.keys, streaming_keys, **layout), SplitKV(self.values, streaming_values, **layout))
+        # Evict after this step: the current chunk still attends to its own tokens.
+        self.streaming_keys, self.streaming_values = self._evict(streaming_keys), self._evict(streaming_values)
+        return split
+
+    def _evict(self, states: torch.Tensor) -> torch.Tensor:
+        length = states.shape[-2]
+        if length <= self.sink + self.recent:
+            return states
+        return torch.cat([states[..., :self.sink, :], states[..., length - self.recent:, :]], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        self.streaming_keys = self.streaming_values = None
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the DuoAttention cache cannot be cropped: evicted streaming tokens are gone")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("the DuoAttention cache supports batch size 1 only (no beam search)")
+
+    batch_repeat_interleave = batch_select_indices = reorder_cache
+
+
+class DuoCache(Cache):
+    """One `DuoLayer` per language-model layer; `retrieval[layer][kv_head]` is True for retrieval heads."""
+
+    def __init__(self, retrieval: Sequence[Sequence[bool]], sink: int, recent: int, full_first_chunk: bool = False):
+        super().__init__(layers=[DuoLayer(row, sink, recent, full_first_chunk) for row in retrieval])
+
+
+def duo_kv_bytes(retrieval: Sequence[Sequence[bool]], sink: int, recent: int, head_dim: int,
+                 num_tokens: int, dtype_bytes: int, batch_size: int = 1) -> int:
+    """Exact bytes a `DuoCache` holds after `num_tokens` tokens (duoattention.md §8.4):
+    2·D·b·B·Σ_layers(n_retrieval·T + n_streaming·min(T, sink + recent))."""
+    heads_x_tokens = sum(
+        sum(1 for keep in row if keep) * num_tokens + sum(1 for keep in row if not keep) * min(num_tokens, sink + recent)
+        for row in retrieval
+    )
+    return 2 * head_dim * dtype_bytes * batch_size * heads_x_tokens
