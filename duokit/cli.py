@@ -14,10 +14,12 @@ import sys
 # sub-command -> module defining `register(subparsers)`; the module's parser sets `func`.
 COMMAND_MODULES = {
     "data": "duokit.data.commands",
-    "eval": "duokit.eval_command",
+    "needlenet": "duokit.models.needlenet.commands",
     "pattern": "duokit.methods.duo.commands",
     "score": "duokit.data.score_command",
+    "eval": "duokit.eval_command",
     "synth": "duokit.data.synth.commands",
+    "train-duo": "duokit.methods.duo.train_command",
 }
 
 
