@@ -7,6 +7,7 @@ setting is the paper's: 50% streaming heads, sink 64, recent 256 (duoattention.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def prefill(model, cache, ids: torch.Tensor, chunk: int, label: str = "prefill")
 @torch.no_grad()
 def decode_step(model, cache, token: torch.Tensor) -> torch.Tensor:
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+
+def applied(model, method):
+    """`with applied(model, method):` applies `method` (None = the sdpa baseline, nothing to apply)."""
+    return method.apply(model, None) if method else contextlib.nullcontext()
 
 
 def new_cache(model, method):

@@ -34,9 +34,8 @@ def measure(args: argparse.Namespace) -> dict:
     method = bench.make_duo(args) if args.variant == "duo" else None
     ids = bench.token_ids(args.worker_length, args.vocab, args.device)
     dtype_bytes = torch.finfo(model.dtype).bits // 8
-    apply = method.apply(model, None) if method else _nothing()
     memory = PeakMemory(args.device)
-    with apply, memory.measure():
+    with bench.applied(model, method), memory.measure():
         cache = bench.new_cache(model, method)
         token = bench.prefill(model, cache, ids, args.chunk).argmax(-1)
         for _ in range(DECODE_TOKENS):
@@ -50,12 +49,6 @@ def measure(args: argparse.Namespace) -> dict:
     return {"variant": args.variant, "tokens": tokens, "kv_bytes": kv_cache_bytes(cache), "formula_bytes": formula,
             "peak_growth_bytes": memory.growth_bytes, "peak_exact": memory.exact,
             "weights_bytes": sum(p.nbytes for p in model.parameters())}
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def run_worker(argv: list[str], variant: str, length: int) -> dict:

@@ -11,7 +11,6 @@ of it (times are minima over interleaved repeats): `ratio` = measured / ideal sp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -19,10 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _duo_bench as bench
-
-
-def variant_context(model, method):
-    return method.apply(model, None) if method else contextlib.nullcontext()
 
 
 def time_variants(model, methods: dict, ids, args) -> dict:
@@ -34,7 +29,7 @@ def time_variants(model, methods: dict, ids, args) -> dict:
     caches, tokens = {}, {}
     for _ in range(args.repeats):
         for name, method in methods.items():
-            with variant_context(model, method):
+            with bench.applied(model, method):
                 cache = bench.new_cache(model, method)
                 with Stopwatch(args.device) as watch:
                     tokens[name] = bench.prefill(model, cache, ids, args.chunk, label=f"prefill {name}").argmax(-1)
@@ -44,7 +39,7 @@ def time_variants(model, methods: dict, ids, args) -> dict:
     decode_s = {name: [] for name in methods}
     for step in range(args.warmup + args.steps):
         for name, method in methods.items():
-            with variant_context(model, method), Stopwatch(args.device) as watch:
+            with bench.applied(model, method), Stopwatch(args.device) as watch:
                 tokens[name] = bench.decode_step(model, caches[name], tokens[name])
             if step >= args.warmup:
                 decode_s[name].append(watch.seconds)

@@ -1,4 +1,5 @@
-"""`duokit eval`: evaluate a model with a method on VNBench into a resumable run directory.
+"""`duokit eval` (and `run_eval`, its Python form for notebooks): evaluate a model with a method on
+VNBench into a resumable run directory.
 
 RUN/config.json       the full configuration, versions included; a re-run must match it
 RUN/predictions.jsonl one duokit prediction record per try, appended as produced (resumable)
@@ -81,12 +82,12 @@ def select_samples(annotations: str | Path, per_task: int | None, seed: int) -> 
     from duokit.data.vnbench import group_samples, load_annotations, stratified_subset
 
     samples = group_samples(load_annotations(annotations))
-    return stratified_subset(samples, per_task, seed) if per_task else samples
+    return samples if per_task is None else stratified_subset(samples, per_task, seed)
 
 
-def write_config(out: Path, config: dict) -> dict:
-    """Write RUN/config.json (after checking an existing one describes the same run); returns it as stored."""
-    from duokit.io import atomic_write_json, read_json
+def check_config(out: Path, config: dict) -> dict:
+    """`config` as RUN/config.json stores it, after checking that an existing one describes the same run."""
+    from duokit.io import read_json
 
     path = out / "config.json"
     config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples as lists, paths as str
@@ -96,7 +97,6 @@ def write_config(out: Path, config: dict) -> dict:
         if changed:
             raise ValueError(f"{path}: this run directory holds a different run (differs in: "
                              f"{', '.join(changed)}); use a new --out, or delete the directory to start over")
-    atomic_write_json(path, config)
     return config
 
 
@@ -145,52 +145,65 @@ def summarize_cost(records: list[dict]) -> dict:
     }
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Run (or resume) the evaluation; returns the summary written to RUN/summary.json."""
+def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str | Path, model: str | None = None,
+             method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
+             seed: int = 0, chunk_size: int | None = None, parser: str = "official", dtype: str = "auto",
+             device: str = "auto", max_new_tokens: int | None = None) -> dict:
+    """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
+    `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
+    settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`).
+
+    Everything that can be checked is checked before RUN/config.json is written: the arguments, an
+    existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
+    """
     from tqdm.auto import tqdm
 
-    from duokit.data.scoring import score_predictions
+    from duokit.data.scoring import PARSERS, score_predictions
     from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS, evaluate_sample
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
     from duokit.metrics import plan_memory, warn_if_too_big
     from duokit.models import DEFAULT_MODEL, load_vlm
 
-    args.model = args.model or DEFAULT_MODEL
-    args.chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
-    args.max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
-    if args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    if not Path(args.videos).is_dir():
-        raise FileNotFoundError(f"--videos {args.videos}: not a folder; fetch the videos first "
-                                "(`duokit data`)")
-    flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag, None) is not None}
-    method = get_method(args.method, **{**parse_settings(args.setting), **flags})
-    samples = select_samples(args.annotations, args.per_task, args.seed)
-    out = Path(args.out)
-    config = {
-        "model": args.model, "method": method.settings(),
-        "annotations": str(Path(args.annotations).resolve()),
-        "videos": str(Path(args.videos).resolve()), "frames": args.frames, "per_task": args.per_task,
-        "seed": args.seed, "parser": args.parser, "max_new_tokens": args.max_new_tokens,
-        "chunk_size": args.chunk_size, "dtype": args.dtype, "device": args.device,
+    model_name = model or DEFAULT_MODEL
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    for name, value in (("frames", frames), ("chunk_size", chunk_size), ("max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if parser not in PARSERS:
+        raise ValueError(f"unknown parser {parser!r}; known: {', '.join(PARSERS)}")
+    if not Path(videos).is_dir():
+        raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
+    method_instance = get_method(method, **(settings or {}))
+    samples = select_samples(annotations, per_task, seed)
+    out = Path(out)
+    config = check_config(out, {
+        "model": model_name, "method": method_instance.settings(),
+        "annotations": str(Path(annotations).resolve()),
+        "videos": str(Path(videos).resolve()), "frames": frames, "per_task": per_task,
+        "seed": seed, "parser": parser, "max_new_tokens": max_new_tokens,
+        "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         "samples": [sample.sample_id for sample in samples], "versions": versions(),
-    }
-    config = write_config(out, config)
+    })
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
     todo = [s for s in samples if any(record.record_id not in log for record in s.tries)]
 
-    if todo:
-        model, _, adapter = load_vlm(args.model, dtype=args.dtype, device=args.device)
-        height, width = probe_frame_size(todo, args.videos)
-        plan = plan_memory(model, adapter, method, args.frames, height, width, chunk_size=args.chunk_size)
-        print(plan.describe(), file=sys.stderr)
-        warn_if_too_big(plan)
-        bar = tqdm(todo, desc="eval", unit="sample", initial=len(samples) - len(todo), total=len(samples))
-        with method.apply(model, adapter):
+    if not todo:
+        atomic_write_json(out / "config.json", config)
+    else:
+        vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device)
+        # Entering `apply` checks the method against the model, so a bad method leaves no run directory.
+        with method_instance.apply(vlm, adapter):
+            atomic_write_json(out / "config.json", config)
+            height, width = probe_frame_size(todo, videos)
+            plan = plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size)
+            print(plan.describe(), file=sys.stderr)
+            warn_if_too_big(plan)
+            bar = tqdm(todo, desc="eval", unit="sample", initial=len(samples) - len(todo), total=len(samples))
             for sample in bar:
-                records = evaluate_sample(model, adapter, method, sample, args.videos, args.frames,
-                                          args.parser, args.chunk_size, args.max_new_tokens, skip=log.done)
+                records = evaluate_sample(vlm, adapter, method_instance, sample, videos, frames, parser, chunk_size,
+                                          max_new_tokens, skip=log.done)
                 for record in records:
                     log.append(record)
                 correct = sum(r["correct"] for r in log.records)
@@ -204,7 +217,12 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        summary = evaluate(args)
+        flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag) is not None}
+        summary = run_eval(args.annotations, args.videos, args.frames, args.out, model=args.model,
+                           method=args.method, settings={**parse_settings(args.setting), **flags},
+                           per_task=args.per_task, seed=args.seed, chunk_size=args.chunk_size,
+                           parser=args.parser, dtype=args.dtype, device=args.device,
+                           max_new_tokens=args.max_new_tokens)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ from typing import Any, Self
 import torch
 
 PROC_STATUS = "/proc/self/status"
+PROC_MEMINFO = "/proc/meminfo"
 PROC_CLEAR_REFS = "/proc/self/clear_refs"
 # Writing "5" to clear_refs resets the peak RSS (VmHWM) of this process (Linux >= 4.0, proc(5)).
 RESET_PEAK_RSS = "5"
@@ -59,9 +60,10 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
-def _status_kib(field: str) -> int | None:
+def _proc_kib(path: str, field: str) -> int | None:
+    """A `Field:  N kB` value of a /proc file (/proc/self/status, /proc/meminfo), or None."""
     try:
-        with open(PROC_STATUS, encoding="ascii") as handle:
+        with open(path, encoding="ascii") as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -111,10 +113,10 @@ class PeakMemory:
             self.peak_bytes = torch.cuda.max_memory_allocated(device)
             self.growth_bytes = self.peak_bytes - start
             return
-        self.exact = _reset_peak_rss() and _status_kib("VmHWM") is not None
-        start = _status_kib("VmRSS") * 1024 if self.exact else _max_rss_bytes()
+        self.exact = _reset_peak_rss() and _proc_kib(PROC_STATUS, "VmHWM") is not None
+        start = _proc_kib(PROC_STATUS, "VmRSS") * 1024 if self.exact else _max_rss_bytes()
         yield self
-        self.peak_bytes = _status_kib("VmHWM") * 1024 if self.exact else _max_rss_bytes()
+        self.peak_bytes = _proc_kib(PROC_STATUS, "VmHWM") * 1024 if self.exact else _max_rss_bytes()
         self.growth_bytes = max(0, self.peak_bytes - start)
 
 
@@ -169,19 +171,8 @@ def available_memory_bytes(device: torch.device | str) -> int | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    kib = _meminfo_kib("MemAvailable")
+    kib = _proc_kib(PROC_MEMINFO, "MemAvailable")
     return None if kib is None else kib * 1024
-
-
-def _meminfo_kib(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,

@@ -134,6 +134,15 @@ def test_duo_method_needs_a_pattern(tmp_path):
         get_method("duo", pattern=str(tmp_path / "missing"))
 
 
+def test_settings_identify_the_gates_not_only_the_directory(tmp_path):
+    save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
+    first = get_method("duo", pattern=str(tmp_path), sparsity=0.5).settings()
+    assert first["pattern"] == str(tmp_path) and first["sparsity"] == 0.5 and first["sink"] == 64
+    assert get_method("duo", pattern=str(tmp_path), sparsity=0.5).settings() == first
+    save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.6]], 128, 256)  # retrained into the same directory
+    assert get_method("duo", pattern=str(tmp_path), sparsity=0.5).settings()["pattern_sha256"] != first["pattern_sha256"]
+
+
 def test_estimate_kv_bytes_is_the_analytic_formula(tmp_path):
     save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
     method = get_method("duo", pattern=str(tmp_path), sparsity=0.5, sink=64, recent=256)

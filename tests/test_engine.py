@@ -8,15 +8,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny
 
 from duokit.cli import main
 from duokit.data.video import write_video
 from duokit.data.vnbench import LETTERS, official_prompt, permuted_options
 from duokit.engine import answer_tries
+from duokit.eval_command import run_eval
 from duokit.io import iter_jsonl
 from duokit.methods import get_method
 from duokit.methods.base import Method
-from duokit.models import TINY_FAMILIES, load_vlm
+from duokit.methods.duo.pattern import save_pattern
+from duokit.models import TINY_FAMILIES
 
 OPTIONS = ["Alice", "Bob", "Carol", "Dave"]
 QUESTIONS = ["What is the secret word?", "Which word appeared first?", "Who is shown in the video?",
@@ -27,18 +30,6 @@ PROMPTS = [official_prompt(question, options)
 # A low frame rate spreads Qwen's temporal M-RoPE positions past the prompt's text positions (as on
 # VNBench: 8 frames of a 3-minute video), the case where decode positions are easiest to get wrong.
 FPS = 0.25
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = load_vlm(f"tiny:{family}")
-        return cache[family]
-
-    return get
 
 
 def frames(count: int = 8, seed: int = 0) -> np.ndarray:
@@ -59,8 +50,8 @@ def generate_tokens(model, adapter, video, context, prompt, max_new_tokens=5) ->
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_engine_tokens_equal_generate_on_the_full_prompt(loaded, family):
-    model, _, adapter = loaded(family)
+def test_engine_tokens_equal_generate_on_the_full_prompt(family):
+    model, _, adapter = tiny(family)
     video, context = shared_part(adapter)
     method = get_method("baseline")
     with method.apply(model, adapter):
@@ -83,8 +74,8 @@ class ShiftedSuffix(Method):
         return replace(prefix, next_position=prefix.next_position + 40)
 
 
-def test_wrong_positions_are_detected(loaded):
-    model, _, adapter = loaded("qwen2_5_vl")
+def test_wrong_positions_are_detected():
+    model, _, adapter = tiny("qwen2_5_vl")
     method = ShiftedSuffix()
     result = answer_tries(model, adapter, method, frames(), FPS, PROMPTS[:2])
     expected = [generate_tokens(model, adapter, frames(), None, prompt) for prompt in PROMPTS[:2]]
@@ -106,8 +97,8 @@ class DropHalfTheVideo(Method):
                        position_ids=prefix.position_ids[..., keep], video_mask=prefix.video_mask[keep])
 
 
-def test_prepare_prefix_hook_shrinks_what_is_prefilled(loaded):
-    model, _, adapter = loaded("qwen2_5_vl")
+def test_prepare_prefix_hook_shrinks_what_is_prefilled():
+    model, _, adapter = tiny("qwen2_5_vl")
     full = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
     pruned = answer_tries(model, adapter, DropHalfTheVideo(), frames(), FPS, PROMPTS[:1])
     video_tokens = full.cost["video_tokens"]
@@ -119,8 +110,8 @@ def test_prepare_prefix_hook_shrinks_what_is_prefilled(loaded):
     assert len(pruned.answers[0].tokens) == 5
 
 
-def test_engine_reports_costs(loaded):
-    model, _, adapter = loaded("llava_onevision")
+def test_engine_reports_costs():
+    model, _, adapter = tiny("llava_onevision")
     result = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
     cost = result.cost
     assert cost["frames"] == 8
@@ -131,8 +122,8 @@ def test_engine_reports_costs(loaded):
     assert cost["peak_memory_bytes"] > 0
 
 
-def test_chunk_size_must_be_positive(loaded):
-    model, _, adapter = loaded("llama")
+def test_chunk_size_must_be_positive():
+    model, _, adapter = tiny("llama")
     with pytest.raises(ValueError, match="chunk_size"):
         answer_tries(model, adapter, get_method("baseline"), None, None, PROMPTS[:1], context="x",
                      chunk_size=0)
@@ -206,11 +197,13 @@ def test_eval_cli_writes_a_resumable_run(tmp_path, capsys, monkeypatch):
     kept = [line for i, line in enumerate(lines) if i not in removed]
     (run / "predictions.jsonl").write_text("".join(kept))
     (run / "summary.json").unlink()
-    assert main(eval_args(annotations, videos, run)) == 0
+    # This time through the Python entry point, which must be the same run as the CLI's.
+    resumed = run_eval(annotations, videos, 4, run, model="tiny:qwen2_5_vl", chunk_size=32)
     assert (run / "predictions.jsonl").read_text().splitlines(keepends=True)[:14] == kept
     redone = list(iter_jsonl(run / "predictions.jsonl"))[14:]
     assert [without_timings(p) for p in redone] == [without_timings(predictions[i]) for i in removed]
-    assert json.loads((run / "summary.json").read_text())["scores"] == summary["scores"]
+    assert resumed == json.loads((run / "summary.json").read_text())
+    assert resumed["scores"] == summary["scores"]
 
     # A finished run re-runs without loading the model and adds nothing.
     def no_model(*args, **kwargs):
@@ -233,3 +226,30 @@ def test_eval_cli_reports_bad_input(tmp_path, capsys):
     args[args.index("baseline")] = "no-such-method"
     assert main(args) == 1
     assert "unknown method" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        run_eval(annotations, videos, 4, tmp_path / "run", model="tiny:qwen2_5_vl", chunk_size=0)
+    with pytest.raises(ValueError, match="unknown parser"):
+        run_eval(annotations, videos, 4, tmp_path / "run", model="tiny:qwen2_5_vl", parser="nope")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_with_duo_checks_the_pattern_before_writing_the_run(tmp_path, capsys):
+    annotations, videos = write_dataset(tmp_path)
+    save_pattern(tmp_path / "wrong", np.ones((3, 2)), sink_size=4, recent_size=8)  # the tiny model has 2 layers
+    save_pattern(tmp_path / "pattern", [[0.9, 0.1], [0.2, 0.8]], sink_size=4, recent_size=8)
+    run = tmp_path / "run"
+    args = eval_args(annotations, videos, run)
+    args[args.index("baseline")] = "duo"
+    duo_flags = ["--sparsity", "0.5", "--sink", "4", "--recent", "16"]
+    assert main([*args, "--pattern", str(tmp_path / "wrong"), *duo_flags]) == 1
+    assert "shape (3, 2)" in capsys.readouterr().err
+    assert not run.exists()
+
+    assert main([*args, "--pattern", str(tmp_path / "pattern"), *duo_flags]) == 0
+    decoded = [p for p in iter_jsonl(run / "predictions.jsonl") if p["error"] is None]
+    assert len(decoded) == 8 and all(len(p["output_tokens"]) == 5 for p in decoded)
+    # One retrieval + one streaming KV head per layer: 2 heads keep every prefix token, 2 keep sink + recent.
+    prefix_tokens = decoded[0]["cost"]["prefix_tokens"]
+    assert decoded[0]["cost"]["kv_bytes"] == 2 * 16 * 4 * (2 * prefix_tokens + 2 * min(prefix_tokens, 4 + 16))
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"]["name"] == "duo" and config["method"]["recent"] == 16

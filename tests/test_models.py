@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny_models import tiny
 
 from duokit.data.vnbench import official_prompt
 from duokit.models import TINY_FAMILIES, adapter_for, load_vlm
@@ -19,25 +20,13 @@ def frames(count: int = 8, height: int = 96, width: int = 128, seed: int = 0) ->
     return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = load_vlm(f"tiny:{family}")
-        return cache[family]
-
-    return get
-
-
 def test_every_tiny_family_is_covered():
     assert set(TINY_FAMILIES) == set(VLM_FAMILIES) | set(TEXT_FAMILIES)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_tiny_model_loads_from_its_saved_directory(loaded, family):
-    model, processor, adapter = loaded(family)
+def test_tiny_model_loads_from_its_saved_directory(family):
+    model, processor, adapter = tiny(family)
     assert model.config.model_type == family
     assert adapter.processor is processor
     assert model.config.name_or_path.startswith(str(cache_root() / "tiny" / family))
@@ -59,16 +48,16 @@ def test_tiny_builds_are_seeded(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_tokenizer_round_trips_any_text(loaded):
-    _, _, adapter = loaded("qwen2_5_vl")
+def test_tokenizer_round_trips_any_text():
+    _, _, adapter = tiny("qwen2_5_vl")
     text = "Qu'est-ce que c'est ? 12 ½ — ✓\nA. x"
     ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert adapter.tokenizer.decode(ids) == text
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_prefix_and_suffix_make_the_full_prompt(loaded, family):
-    _, _, adapter = loaded(family)
+def test_prefix_and_suffix_make_the_full_prompt(family):
+    _, _, adapter = tiny(family)
     video = frames()
     full = adapter.build_inputs(video, 2.0, PROMPT)
     prefix = adapter.build_prefix(video, 2.0)
@@ -84,8 +73,8 @@ def test_prefix_and_suffix_make_the_full_prompt(loaded, family):
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_prefix_embedding_path_equals_the_model_forward(loaded, family):
-    model, _, adapter = loaded(family)
+def test_prefix_embedding_path_equals_the_model_forward(family):
+    model, _, adapter = tiny(family)
     inputs = adapter.build_inputs(frames(), 0.25, PROMPT)
     prefix = adapter.embed_prefix(inputs)
     with torch.no_grad():
@@ -97,8 +86,8 @@ def test_prefix_embedding_path_equals_the_model_forward(loaded, family):
     assert prefix.num_video_tokens == int(adapter.video_mask(inputs["input_ids"]).sum())
 
 
-def test_a_split_that_changes_the_tokens_is_refused(loaded, monkeypatch):
-    _, _, adapter = loaded("qwen2_5_vl")
+def test_a_split_that_changes_the_tokens_is_refused(monkeypatch):
+    _, _, adapter = tiny("qwen2_5_vl")
     text = adapter.render(PROMPT)
     cut = text.rindex("<|im_end|>") + 4  # inside a special token: apart it is 10 byte tokens, joined one
     monkeypatch.setattr(adapter, "split_prompt", lambda *args, **kwargs: (text[:cut], text[cut:]))
@@ -106,17 +95,19 @@ def test_a_split_that_changes_the_tokens_is_refused(loaded, monkeypatch):
         adapter.suffix_ids(PROMPT)
 
 
-def test_text_adapter_takes_a_text_context_and_refuses_video(loaded):
-    _, _, adapter = loaded("llama")
+def test_text_adapter_takes_a_text_context_and_refuses_video():
+    _, _, adapter = tiny("llama")
     prefix_text, suffix_text = adapter.split_prompt(PROMPT, context="Some context.")
     assert "Some context." in prefix_text and suffix_text.startswith(PROMPT)
     with pytest.raises(ValueError, match="text-only model"):
         adapter.build_prefix(frames(), 2.0)
 
 
-def test_dtype_can_be_named(loaded):
+def test_dtype_can_be_named():
     model, _, _ = load_vlm("tiny:llama", dtype="bfloat16")
     assert model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp16'"):
+        load_vlm("tiny:llama", dtype="fp16")
 
 
 def test_unknown_names_fail_clearly():
@@ -126,7 +117,7 @@ def test_unknown_names_fail_clearly():
         adapter_for("bert")
 
 
-def test_frames_need_a_positive_fps(loaded):
-    _, _, adapter = loaded("qwen2_5_vl")
+def test_frames_need_a_positive_fps():
+    _, _, adapter = tiny("qwen2_5_vl")
     with pytest.raises(ValueError, match="positive fps"):
         adapter.build_prefix(frames(), 0)

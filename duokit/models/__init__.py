@@ -77,7 +77,11 @@ def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto") -> tu
     adapter_cls = adapter_for(config.model_type)
     device = torch.device(pick_device() if device == "auto" else device)
     dtype = pick_dtype(str(device)) if dtype == "auto" else dtype
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16" -> torch.bfloat16
+    if isinstance(dtype, str):  # "bfloat16" -> torch.bfloat16
+        torch_dtypes = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+        if dtype not in torch_dtypes:
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+        dtype = torch_dtypes[dtype]
     loader = AutoModelForImageTextToText if adapter_cls.is_multimodal else AutoModelForCausalLM
     # Weights load straight onto the device (a Colab VM has less RAM than an A100 has memory).
     model = loader.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map=str(device))

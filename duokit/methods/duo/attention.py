@@ -102,7 +102,8 @@ def _streaming(module, query, key: SplitKV, value: SplitKV, scaling, dropout) ->
         # Entries (not positions) of this block's window; entries >= sink sit at position entry + offset.
         window_end = q_last + 1 - key.streaming_offset
         window_start = max(sink_entries, q_first - key.recent - key.streaming_offset)
-        entries = torch.cat([torch.arange(sink_entries), torch.arange(window_start, window_end)]).to(query.device)
+        entries = torch.cat([torch.arange(sink_entries, device=query.device),
+                             torch.arange(window_start, window_end, device=query.device)])
         key_positions = torch.where(entries < key.sink, entries, entries + key.streaming_offset)
         query_positions = torch.arange(q_first, q_last + 1, device=query.device)[:, None]
         mask = (key_positions <= query_positions) & (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,6 +44,11 @@ class Duo(Method):
     @cached_property
     def loaded_pattern(self) -> Pattern:
         return load_pattern(self.pattern)
+
+    def settings(self) -> dict[str, Any]:
+        # The gates, not only the directory name, decide the predictions: a resumed run must read the same ones.
+        gates = np.ascontiguousarray(self.loaded_pattern.gates)
+        return {**super().settings(), "pattern_sha256": hashlib.sha256(gates.tobytes()).hexdigest()}
 
     @cached_property
     def retrieval(self) -> np.ndarray:
