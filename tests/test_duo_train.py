@@ -1,0 +1,451 @@
+"""DuoAttention gate training: the mixed attention, loss, schedule, data masks, checkpoints and resume.
+
+References are written independently of the code under test: an eager softmax with explicit masks for
+the mixed attention, the official `generate_streaming_mask` formula (triu-based), hand-computed
+learning rates of the official LambdaLR, and the inference `duo` method for an all-streaming student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from duokit.data.synth.training import TrainingConfig
+from duokit.methods.duo.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint
+from duokit.methods.duo.gates import (
+    DuoGates,
+    MixedAttentionPlan,
+    enable_gate_training,
+    mixed_attention,
+    streaming_mask,
+)
+from duokit.methods.duo.pattern import load_pattern, save_pattern
+from duokit.methods.duo.profile import far_attention_mass
+from duokit.methods.duo.train import (
+    TEXT_TOKENS,
+    TrainSettings,
+    distillation_loss,
+    loss_mask,
+    official_lr_lambda,
+    plan_for_model,
+    plan_training_memory,
+    step_loss,
+    train_gates,
+)
+from duokit.methods.duo.train_data import NATO, PasskeyData, VideoNeedleData
+from duokit.models import load_vlm
+
+SINK, RECENT = 4, 8
+# Small synthetic videos: 8 frames of 56x56 (16 video tokens), 1-2 needles.
+VIDEO = {"frames": (8,), "frame_size": (56, 56), "needles": (1, 2)}
+CLI_VIDEO = ["--frames", "8", "--frame-size", "56", "56", "--needles", "1", "2", "--sink", str(SINK),
+             "--recent", str(RECENT)]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model, _, adapter = load_vlm("tiny:qwen2_5_vl", dtype=torch.float32, device="cpu")
+    config = TrainingConfig(frame_counts=VIDEO["frames"], size=VIDEO["frame_size"], needles=VIDEO["needles"])
+    return model, adapter, VideoNeedleData(adapter, config)
+
+
+# --- mixed attention ----------------------------------------------------------------------------
+
+def official_streaming_mask(length, sink, recent):
+    """duo_attn/patch/streaming_attn.py::generate_streaming_mask, without the rounding to 8."""
+    ones = torch.ones(length, length, dtype=torch.bool)
+    causal = ~torch.triu(ones, diagonal=1)
+    recent_mask = torch.triu(ones, diagonal=-recent + 1)
+    sink_mask = ones.clone()
+    sink_mask[:, sink:] = False
+    return (recent_mask | sink_mask) & causal
+
+
+@pytest.mark.parametrize("length,sink,recent", [(20, 4, 8), (7, 0, 1), (33, 128, 256), (50, 3, 5)])
+def test_streaming_mask_is_the_official_one(length, sink, recent):
+    assert torch.equal(streaming_mask(length, sink, recent, torch.device("cpu")),
+                       official_streaming_mask(length, sink, recent))
+
+
+def eager(query, key, value, mask, scaling):
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ value
+
+
+@pytest.mark.parametrize("variant", ["paper", "official-teacher"])
+def test_mixed_attention_is_the_gated_sum(variant):
+    torch.manual_seed(0)
+    kv_heads, groups, length, dim = 3, 2, 24, 8
+    gates = DuoGates(2, kv_heads)
+    with torch.no_grad():
+        gates.gates.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.3, 0.8]]))
+    module = SimpleNamespace(layer_idx=1, num_key_value_groups=groups,
+                             duokit_duo_gates=MixedAttentionPlan(gates, SINK, RECENT, variant))
+    query = torch.randn(2, kv_heads * groups, length, dim)
+    key, value = torch.randn(2, kv_heads, length, dim), torch.randn(2, kv_heads, length, dim)
+    out, _ = mixed_attention(module, query, key, value, None, scaling=0.3)
+
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    causal = official_streaming_mask(length, 0, length)
+    window = official_streaming_mask(length, SINK, RECENT)
+    teacher = eager(query[:1], key[:1], value[:1], causal, 0.3)
+    student_full = teacher if variant == "official-teacher" else eager(query[1:], key[1:], value[1:], causal, 0.3)
+    student_stream = eager(query[1:], key[1:], value[1:], window, 0.3)
+    alpha = torch.tensor([0.0, 0.3, 0.8]).repeat_interleave(groups)[None, :, None, None]
+    student = alpha * student_full + (1 - alpha) * student_stream
+    expected = torch.cat([teacher, student]).transpose(1, 2)
+    assert out.shape == (2, length, kv_heads * groups, dim)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_attention_refuses_odd_batches_and_masks():
+    plan = MixedAttentionPlan(DuoGates(1, 1), SINK, RECENT, "paper")
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=1, duokit_duo_gates=plan)
+    q = torch.randn(1, 1, 5, 4)
+    with pytest.raises(ValueError, match="even size"):
+        mixed_attention(module, q, q, q, None)
+    q = torch.randn(2, 1, 5, 4)
+    with pytest.raises(ValueError, match="attention mask"):
+        mixed_attention(module, q, q, q, torch.ones(2, 1, 5, 5, dtype=torch.bool))
+
+
+# --- loss, regularisation, schedule -------------------------------------------------------------
+
+def test_l1_term_is_live_and_is_a_mean():
+    gates = DuoGates(3, 4)
+    with torch.no_grad():
+        gates.gates.mul_(torch.linspace(0.1, 1.0, 12).view(3, 4))
+    reg = gates.regularization()
+    assert reg.item() == pytest.approx(gates.gates.detach().abs().mean().item())
+    (0.05 * reg).backward()  # the VILA port used `.data` here: no gradient at all (duoattention.md §10)
+    torch.testing.assert_close(gates.gates.grad, torch.full((3, 4), 0.05 / 12))
+
+
+def test_distillation_loss_uses_answer_tokens_only():
+    hidden = torch.zeros(2, 5, 4)
+    hidden[1, 1] = 2.0  # answer token: squared error 4 in every dimension
+    hidden[1, 3] = 1.0  # answer token: squared error 1
+    hidden[1, 0] = 100.0  # not an answer token: ignored
+    mask = torch.tensor([False, True, False, True, False])
+    assert distillation_loss(hidden, mask).item() == pytest.approx((4.0 + 1.0) / 2)
+
+
+def test_loss_positions_at_or_before_the_answer():
+    mask = torch.tensor([False, False, True, True, False, True])
+    assert torch.equal(loss_mask(mask, "answer"), mask)
+    assert loss_mask(mask, "predicting").tolist() == [False, True, True, False, True, False]
+
+
+def test_official_schedule_values():
+    factor = official_lr_lambda(2000)  # N // 5 = 400: warm-up 400, flat, decay over the last 400, floor 0.1
+    lrs = {s: round(0.02 * factor(s), 10) for s in (0, 39, 199, 399, 1000, 1600, 1800, 1999)}
+    assert lrs == {0: 0.002, 39: 0.002, 199: 0.01, 399: 0.02, 1000: 0.02, 1600: 0.02, 1800: 0.01, 1999: 0.002}
+
+
+# --- on the tiny Qwen2.5-VL ----------------------------------------------------------------------
+
+def test_answer_mask_covers_the_answer_words_only(qwen):
+    _, adapter, data = qwen
+    for index in range(3):
+        example = data.example(index)
+        sample = data.generator.sample(index)
+        words = "".join(qa.answer[a:b] for qa in sample.qa for a, b in qa.answer_spans)
+        ids = data.adapter.tokenizer  # byte-level: one token per byte
+        prefix = adapter.process(data.conversation(sample.qa)[0], sample.frames, sample.fps)["input_ids"]
+        full_ids = torch.cat([prefix[0], torch.tensor(ids(data.conversation(sample.qa)[1],
+                                                          add_special_tokens=False)["input_ids"])])
+        assert example.num_tokens == len(full_ids)
+        assert ids.decode(full_ids[example.answer_mask.cpu()]) == words
+        assert not example.answer_mask[:prefix.shape[1]].any()
+        assert example.position_ids.shape == (3, 1, example.num_tokens)
+
+
+def test_gates_at_one_give_zero_distillation_and_pure_l1_gradient(qwen):
+    model, adapter, data = qwen
+    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads)
+    example = data.example(0)
+    with enable_gate_training(model, gates, SINK, RECENT):
+        loss, parts = step_loss(adapter, gates, example, reg_weight=0.05)
+        loss.backward()
+    assert parts["distill_loss"] == 0.0  # student == teacher bit for bit when every head is full
+    torch.testing.assert_close(gates.gates.grad, torch.full_like(gates.gates, 0.05 / gates.gates.numel()))
+    # the teacher half is the unpatched model
+    with torch.no_grad():
+        plain = adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
+                                       use_cache=False).last_hidden_state
+    with torch.no_grad(), enable_gate_training(model, gates, SINK, RECENT):
+        two_way = adapter.language_model(**example.two_way(), use_cache=False).last_hidden_state
+    torch.testing.assert_close(two_way[:1], plain, atol=1e-5, rtol=1e-5)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_distillation_gradient_reaches_every_gate(qwen):
+    model, adapter, data = qwen
+    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, initial_value=0.5)
+    with enable_gate_training(model, gates, SINK, RECENT):
+        loss, parts = step_loss(adapter, gates, data.example(1), reg_weight=0.0)
+        loss.backward()
+    assert parts["distill_loss"] > 0
+    assert (gates.gates.grad != 0).all()
+
+
+def test_student_with_closed_gates_is_the_streaming_inference_model(qwen, tmp_path):
+    """Gates 0 = every head streaming: must equal the `duo` inference method with every head streaming.
+
+    The inference window counts `recent` tokens before the query, the official training mask `recent`
+    including it, so inference recent = training recent - 1 (docs/duo_training.md).
+    """
+    from duokit.methods.base import get_method
+
+    model, adapter, data = qwen
+    example = data.example(2)
+    assert example.num_tokens > SINK + RECENT + 10
+    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, initial_value=0.0)
+    with torch.no_grad(), enable_gate_training(model, gates, SINK, RECENT):
+        student = adapter.language_model(**example.two_way(), use_cache=False).last_hidden_state[1:]
+    save_pattern(tmp_path, np.zeros((adapter.num_layers, adapter.num_kv_heads)), SINK, RECENT)
+    method = get_method("duo", pattern=str(tmp_path), sparsity=1.0, sink=SINK, recent=RECENT - 1)
+    with torch.no_grad(), method.apply(model, adapter):
+        streaming = adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
+                                           use_cache=False).last_hidden_state
+    torch.testing.assert_close(student, streaming, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(qwen):
+    model, adapter, data = qwen
+    example = data.example(1)
+    grads = []
+    for checkpointing in (False, True):
+        gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, initial_value=0.7)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            adapter.language_model.train()
+        try:
+            with enable_gate_training(model, gates, SINK, RECENT):
+                step_loss(adapter, gates, example, 0.05)[0].backward()
+        finally:
+            adapter.language_model.eval()
+            model.activation_checkpointing_disable()
+        grads.append(gates.gates.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "llava_onevision"])
+def test_teacher_half_is_the_plain_model_in_other_families(family):
+    """The doubled batch (Qwen3-VL deepstack rows included) leaves the teacher equal to the plain model."""
+    model, _, adapter = load_vlm(f"tiny:{family}", dtype=torch.float32, device="cpu")
+    config = TrainingConfig(frame_counts=VIDEO["frames"], size=VIDEO["frame_size"], needles=VIDEO["needles"])
+    example = VideoNeedleData(adapter, config).example(0)
+    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, initial_value=0.5)
+    with torch.no_grad():
+        plain = adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
+                                       use_cache=False, **example.model_kwargs).last_hidden_state
+        with enable_gate_training(model, gates, SINK, RECENT):
+            two_way = adapter.language_model(**example.two_way(), use_cache=False).last_hidden_state
+    torch.testing.assert_close(two_way[:1], plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(two_way[1:], plain, atol=1e-3)  # the half-open gates change the student
+
+
+def test_official_teacher_variant_differs_from_paper(qwen):
+    model, adapter, data = qwen
+    example = data.example(1)
+    losses = {}
+    for variant in ("paper", "official-teacher"):
+        gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, initial_value=0.5)
+        with torch.no_grad(), enable_gate_training(model, gates, SINK, RECENT, variant):
+            losses[variant] = step_loss(adapter, gates, example, 0.0)[1]["distill_loss"]
+    assert losses["paper"] > 0 and losses["official-teacher"] > 0 and losses["paper"] != losses["official-teacher"]
+
+
+def test_wrong_gate_shape_and_variant_are_refused(qwen):
+    model, adapter, _ = qwen
+    with pytest.raises(ValueError, match="layers x KV heads"):
+        enable_gate_training(model, DuoGates(adapter.num_layers + 1, adapter.num_kv_heads), SINK, RECENT)
+    with pytest.raises(ValueError, match="variant"):
+        enable_gate_training(model, DuoGates(adapter.num_layers, adapter.num_kv_heads), SINK, RECENT, "teacher")
+
+
+# --- text LMs: the official multi-passkey recipe ------------------------------------------------------
+
+def test_passkey_recipe_on_a_local_text(tmp_path):
+    _, _, adapter = load_vlm("tiny:llama", dtype=torch.float32, device="cpu")
+    text = tmp_path / "book.txt"
+    text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 40)
+    data = PasskeyData(adapter, text, context_min=300, context_max=800, num_passkeys=3, passkey_words=4)
+    for index in (0, 7):
+        example = data.example(index)
+        decoded = adapter.tokenizer.decode(example.input_ids[0])  # byte-level: one token per byte
+        answers = re.findall(r"Passkey: ([a-z ]+)\n\n", decoded)
+        hidden = re.findall(r"it's the (\d+\w\w) passkey to the vault: ([a-z ]+)\n\n", decoded)
+        assert [words for _, words in hidden] == answers and len(answers) == 3
+        assert [ordinal for ordinal, _ in hidden] == ["1st", "2nd", "3rd"]
+        assert all(len(a.split()) == 4 and set(a.split()) <= set(NATO) for a in answers)
+        assert adapter.tokenizer.decode(example.input_ids[0][example.answer_mask]) == "".join(answers)
+        assert decoded.startswith("<|im_start|> This is a very long story book: <book> ")
+        assert example.position_ids.shape == (1, example.num_tokens) and example.model_kwargs == {}
+    lengths = {data.example(i).num_tokens for i in range(3)}
+    assert len(lengths) == 3  # a different context length of the grid each step
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ValueError, match="short.txt"):
+        PasskeyData(adapter, short, context_min=300, context_max=800)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        PasskeyData(adapter, tmp_path / "missing.txt")
+    # the trainer on a text LM: two steps of the official recipe (10 passkeys of 32 words)
+    summary = train_gates(TrainSettings(model="tiny:llama", steps=2, save_every=1, sink=SINK, recent=16,
+                                        text_file=str(text), context_min=300, context_max=800, progress=False),
+                          tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "pattern" / "config.json").read_text())
+    assert config["dataset_format"] == "multiple_passkey" and config["steps_done"] == 2
+    assert summary["gates"].shape == (2, 2) and summary["gate_min"] < 1.0
+
+
+# --- memory plan ---------------------------------------------------------------------------------------
+
+def test_memory_plan_formula_and_token_count(qwen):
+    text = SimpleNamespace(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=4, num_hidden_layers=3)
+    plan = plan_training_memory(100, text, tokens=10, dtype_bytes=2, checkpointing=True)
+    layer = 2 * 10 * 2 * (6 * 8 + 4 * 16 + 2 * (2 + 2) * 4) + 10 * 2 * 4 * (2 * 2 + 12)
+    assert (plan.weights_bytes, plan.saved_bytes, plan.layer_bytes) == (200, 3 * 2 * 10 * 8 * 2, layer)
+    assert plan.attention_bytes == 10 * 10 * (2 * 2 * 4 + 1 + 2)
+    unchecked = plan_training_memory(100, text, tokens=10, dtype_bytes=2, checkpointing=False)
+    assert unchecked.saved_bytes == 3 * layer and unchecked.layer_bytes == 0
+    # the planner counts the video tokens a training example really has
+    _, adapter, data = qwen
+    example = data.example(0)
+    video_tokens = int(adapter.video_mask(example.input_ids).sum())
+    planned = plan_for_model("tiny:qwen2_5_vl", VIDEO["frames"][0], VIDEO["frame_size"])
+    assert planned.tokens == video_tokens + TEXT_TOKENS
+    assert planned.weights_bytes == 2 * sum(p.numel() for p in adapter.model.parameters())
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    gates = DuoGates(2, 2)
+    optimizer = torch.optim.AdamW(gates.parameters(), lr=0.02, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_lr_lambda(10))
+    gates.regularization().backward()
+    optimizer.step()
+    scheduler.step()
+    save_checkpoint(tmp_path, {"gates": gates.gates.detach(), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "rng": rng_state(), "data_position": 1})
+    state = load_checkpoint(tmp_path)  # torch.load(weights_only=True) inside
+    assert torch.equal(state["gates"], gates.gates.detach())
+    assert state["scheduler"]["last_epoch"] == 1 and state["data_position"] == 1
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="latest.pt"):
+        load_checkpoint(tmp_path)
+
+
+def test_far_attention_mass_counts_keys_outside_the_window():
+    dim, length = 4, 12
+    key = torch.zeros(1, 1, length, dim)
+    key[0, 0, 5, 0] = 50.0  # a far key (position 5; sink 2, recent 3, query at 11)
+    query = torch.zeros(1, 1, length, dim)
+    query[0, 0, 11, 0] = 1.0
+    mass = far_attention_mass(query, key, torch.tensor([11]), 1.0, sink=2, recent=3)
+    assert mass.item() == pytest.approx(1.0, abs=1e-6)
+    mass = far_attention_mass(query, key, torch.tensor([11]), 1.0, sink=6, recent=3)  # now a sink key
+    assert mass.item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- the command line: outputs, resume after SIGKILL, bad input ---------------------------------------
+
+def train_duo(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "duokit", "train-duo", "--model", "tiny:qwen2_5_vl", "--out", str(out),
+            "--no-progress", *CLI_VIDEO, *extra]
+
+
+def subprocess_env() -> dict:
+    # One thread: the same floating-point reduction order in every process.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_sigkill_then_resume_gives_bit_identical_gates(tmp_path):
+    steps, save_every = 9, 3
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    command = train_duo(killed, "--steps", str(steps), "--save-every", str(save_every))
+    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / CHECKPOINT_FILE).exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    saved = load_checkpoint(killed)
+    assert saved is not None and save_every <= saved["step"] < steps, "the run must die after its first checkpoint"
+    subprocess.run(command, env=subprocess_env(), check=True, capture_output=True)  # the same command resumes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocesses
+    try:
+        train_gates(TrainSettings(model="tiny:qwen2_5_vl", steps=steps, save_every=save_every, sink=SINK,
+                                  recent=RECENT, progress=False, **VIDEO), whole)
+    finally:
+        torch.set_num_threads(threads)
+    resumed, uninterrupted = load_checkpoint(killed), load_checkpoint(whole)
+    assert resumed["step"] == uninterrupted["step"] == steps
+    assert torch.equal(resumed["gates"], uninterrupted["gates"])
+    assert (resumed["gates"] < 1).any()
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(resumed["optimizer"]["state"][0][name], uninterrupted["optimizer"]["state"][0][name])
+    assert (killed / "pattern" / "full_attention_heads.tsv").read_bytes() == (
+        whole / "pattern" / "full_attention_heads.tsv").read_bytes()
+    history = (killed / "gate_history.jsonl").read_text().splitlines()
+    assert history == (whole / "gate_history.jsonl").read_text().splitlines() and len(history) == steps
+
+
+def test_run_outputs_official_pattern_history_and_plots(tmp_path):
+    settings = TrainSettings(model="tiny:qwen2_5_vl", steps=5, save_every=2, sink=SINK, recent=RECENT,
+                             progress=False, **VIDEO)
+    summary = train_gates(settings, tmp_path)
+    pattern = load_pattern(tmp_path / "pattern")
+    assert pattern.shape == (2, 2) and (pattern.sink_size, pattern.recent_size) == (SINK, RECENT)
+    np.testing.assert_allclose(pattern.gates, summary["gates"], rtol=0, atol=1e-7)
+    assert ((summary["gates"] >= 0) & (summary["gates"] <= 1)).all() and summary["gates"].min() < 1.0
+    for name in ("gates_heatmap.png", "gate_histogram.png", "loss.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # re-running a finished run resumes at the end and changes nothing
+    again = train_gates(settings, tmp_path)
+    assert again["resumed_from"] == 5 and np.array_equal(again["gates"], summary["gates"])
+    # resuming with other settings is refused, naming what changed
+    with pytest.raises(ValueError, match="lr"):
+        train_gates(TrainSettings(**{**settings.__dict__, "lr": 0.1}), tmp_path)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "duokit", "train-duo", "--model", "tiny:llama", "--out",
+                             str(tmp_path), "--steps", "1"], check=False, capture_output=True, text=True, env=subprocess_env())
+    assert result.returncode == 1
+    assert "text LM: pass --text-file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_profile_fallback_writes_a_labelled_pattern(tmp_path, capsys):
+    from duokit.cli import main
+
+    out = tmp_path / "profile"
+    assert main(["train-duo", "--model", "tiny:qwen2_5_vl", "--out", str(out), "--no-progress", *CLI_VIDEO,
+                 "--profile", "2"]) == 0
+    pattern = load_pattern(out / "pattern")
+    assert pattern.shape == (2, 2) and ((pattern.gates >= 0) & (pattern.gates <= 1)).all()
+    assert pattern.gates.max() > 0  # answers read needles outside the 4 + 8 window
+    config = (out / "pattern" / "config.json").read_text()
+    assert "NOT DuoAttention" in config and (out / "plots" / "profile_heatmap.png").exists()
+    assert "NOT DuoAttention" in capsys.readouterr().out
+    (out / CHECKPOINT_FILE).parent.mkdir()
+    (out / CHECKPOINT_FILE).write_bytes(b"")
+    assert main(["train-duo", "--model", "tiny:qwen2_5_vl", "--out", str(out), "--profile", "2"]) == 1
+    assert "holds a gate-training run" in capsys.readouterr().err
