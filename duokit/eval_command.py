@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --per-task subset")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="prefill chunk in tokens (default: 2048)")
-    parser.add_argument("--parser", choices=PARSERS, default="official",
-                        help="answer parser (docs/scoring.md)")
+    parser.add_argument("--parser", choices=PARSERS, default=None,
+                        help="answer parser (docs/scoring.md; default: the model's own, e.g. text for needlenet, "
+                             "else official)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -147,7 +148,7 @@ def summarize_cost(records: list[dict]) -> dict:
 
 def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str | Path, model: str | None = None,
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
-             seed: int = 0, chunk_size: int | None = None, parser: str = "official", dtype: str = "auto",
+             seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
              device: str = "auto", max_new_tokens: int | None = None) -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
@@ -163,9 +164,10 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
     from duokit.metrics import plan_memory, warn_if_too_big
-    from duokit.models import DEFAULT_MODEL, load_vlm
+    from duokit.models import DEFAULT_MODEL, answer_parser, load_vlm
 
     model_name = model or DEFAULT_MODEL
+    parser = parser or answer_parser(model_name)  # the answer mode recorded with the model (duokit.json)
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     for name, value in (("frames", frames), ("chunk_size", chunk_size), ("max_new_tokens", max_new_tokens)):

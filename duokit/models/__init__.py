@@ -13,9 +13,10 @@ from typing import Any
 from duokit.models.tiny import TINY_FAMILIES, tiny_path
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+SHIPPED_MODELS = ("needlenet",)  # trained models inside the package, under duokit/assets/<name> (docs/needlenet.md)
 
-__all__ = ["DEFAULT_MODEL", "TINY_FAMILIES", "Adapter", "Prefix", "adapter_for", "adapters", "load_vlm",
-           "resolve_model_path"]
+__all__ = ["DEFAULT_MODEL", "TINY_FAMILIES", "Adapter", "Prefix", "adapter_for", "adapters", "answer_parser",
+           "load_vlm", "resolve_model_path"]
 
 
 def __getattr__(name: str) -> Any:
@@ -46,8 +47,23 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path.startswith("tiny:"):
         return str(tiny_path(name_or_path.removeprefix("tiny:")))
+    if name_or_path in SHIPPED_MODELS:
+        shipped = Path(__file__).resolve().parent.parent / "assets" / name_or_path
+        if not (shipped / "config.json").exists():
+            raise FileNotFoundError(f"{shipped}: the shipped {name_or_path} model is missing; reinstall duokit "
+                                    f"or train one (`duokit {name_or_path} train --out DIR`) and pass DIR/model")
+        return str(shipped)
     local = Path(name_or_path).expanduser()
     return str(local) if local.exists() else name_or_path
+
+
+def answer_parser(name_or_path: str) -> str:
+    """The answer parser a model was trained for: `answer_parser` of its `duokit.json` (NeedleNet answers
+    in option text, docs/needlenet.md), else the official letter parser."""
+    import json
+
+    meta = Path(resolve_model_path(name_or_path)) / "duokit.json"
+    return json.loads(meta.read_text())["answer_parser"] if meta.is_file() else "official"
 
 
 def adapter_for(model_type: str) -> type:

@@ -1,0 +1,138 @@
+"""DuoAttention gates on NeedleNet: train them, then held-out accuracy at 0/25/50/75% streaming heads for
+the trained pattern and for random patterns, against the dense baseline (docs/duo_training.md "Evidence").
+
+    python benchmarks/duo_training_evidence.py --model needlenet --run runs/duo-needlenet \
+        --frames 32 --sink 4 --recent 16 --steps 2000 --per-task 16 --json runs/duo-needlenet/evidence.json
+
+Training data: NeedleNet's own task family from the synthesizer's *train* split (official prompts, the
+gt option's text as the answer; duokit.models.needlenet.data.make_example), never VNBench and never the
+eval split; the loss is on the hidden state that predicts the answer (`loss_positions="predicting"`:
+NeedleNet answers are one word). Evaluation: fresh eval-split samples of every sub-task, the engine's
+prefix-once/4-try greedy decoding with the `duo` method's split KV cache (streaming heads really keep
+sink + recent tokens), the scorer's 4-try circular accuracy with NeedleNet's answer parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+
+
+def md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "n/a"
+
+
+class NeedleNetTask:
+    """`example(index)`: NeedleNet's training example `index` as a teacher-forced gate-training example."""
+
+    def __init__(self, adapter, frames: int, seed: int):
+        from duokit.methods.duo.train_data import ChatExamples
+
+        self.encoder = ChatExamples(adapter)
+        self.frames, self.seed = frames, seed
+
+    def example(self, index: int):
+        from duokit.data.synth.training import QA
+        from duokit.models.needlenet.data import make_example
+
+        item = make_example(self.seed, self.frames, index, split="train")
+        return self.encoder.encode(item.frames, item.fps, [QA(item.prompt, item.answer, ((0, len(item.answer)),))])
+
+
+def heldout_accuracy(model, adapter, method, frames: int, per_task: int, seed: int, parser: str) -> dict:
+    """The scorer JSON on fresh eval-split samples (duokit.models.needlenet.evaluate, any method)."""
+    from tqdm.auto import tqdm
+
+    from duokit.data.scoring import prediction_record, score_predictions
+    from duokit.data.synth.generate import Synthesizer
+    from duokit.data.vnbench import parse_record
+    from duokit.engine import answer_tries
+    from duokit.models.needlenet.data import eval_synth_config, sampled
+
+    synthesizer = Synthesizer(eval_synth_config(frames, per_task, seed))
+    predictions = []
+    with method.apply(model, adapter):
+        for sample in tqdm(synthesizer, total=len(synthesizer), desc=f"eval {method.name}", leave=False):
+            records = [parse_record(raw, i, "held-out") for i, raw in enumerate(sample.records(f"./videos/{sample.sample_id}.mp4"))]
+            video, fps = sampled(sample.frames, sample.fps, frames)
+            result = answer_tries(model, adapter, method, video, fps, [r.prompt for r in records])
+            predictions += [prediction_record(r, a.text, parser) for r, a in zip(records, result.answers)]
+    return score_predictions(predictions)
+
+
+def main() -> None:
+    import torch
+
+    from duokit.methods import get_method
+    from duokit.methods.duo.pattern import load_pattern, save_pattern
+    from duokit.methods.duo.train import TrainSettings, train_gates
+    from duokit.methods.duo.train_plots import plot_accuracy_sparsity
+    from duokit.models import load_vlm, resolve_model_path
+    from duokit.models.needlenet.config import ANSWER_PARSER, FRAME_SIZE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="needlenet")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--recent", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--per-task", type=int, default=16)
+    parser.add_argument("--random-patterns", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    settings = TrainSettings(model=args.model, steps=args.steps, save_every=50, sink=args.sink, recent=args.recent,
+                             loss_positions="predicting", seed=args.seed, frames=(args.frames,),
+                             frame_size=(FRAME_SIZE, FRAME_SIZE), device="cpu", dtype="float32")
+    summary = train_gates(settings, args.run, lambda adapter: NeedleNetTask(adapter, args.frames, args.seed))
+    model, _, adapter = load_vlm(args.model, dtype=torch.float32, device="cpu")
+    trained = load_pattern(Path(args.run) / "pattern").gates
+    print(f"trained gates: mean {summary['gate_mean']:.3f}, min {summary['gate_min']:.3f}\n{np.round(trained, 3)}")
+
+    def scores(method) -> dict:
+        full = heldout_accuracy(model, adapter, method, args.frames, args.per_task, args.seed + 1, ANSWER_PARSER)
+        return {"overall": full["overall"], "overall_1try": full["overall_1try"],
+                "families": dict(full["families"])}
+
+    results = {"model_md5": md5(Path(resolve_model_path(args.model)) / "model.safetensors"),
+               "settings": vars(args), "gates": trained.tolist(), "baseline": scores(get_method("baseline")),
+               "trained": {}, "random": {}}
+    deploy = {"sink": args.sink, "recent": args.recent - 1}  # inference window = training window (docs)
+    with tempfile.TemporaryDirectory() as scratch:
+        randoms = []
+        for k in range(args.random_patterns):
+            path = Path(scratch) / f"random{k}"
+            save_pattern(path, np.random.default_rng([args.seed, k]).random(trained.shape), args.sink, args.recent)
+            randoms.append(path)
+        for sparsity in SPARSITIES:
+            pattern = str(Path(args.run) / "pattern")
+            results["trained"][sparsity] = scores(get_method("duo", pattern=pattern, sparsity=sparsity, **deploy))
+            results["random"][sparsity] = [scores(get_method("duo", pattern=str(p), sparsity=sparsity, **deploy))
+                                           for p in randoms]
+            random_mean = {key: float(np.mean([r[key] for r in results["random"][sparsity]]))
+                           for key in ("overall", "overall_1try")}
+            print(f"sparsity {sparsity:.2f} (4-try / 1-try): trained {results['trained'][sparsity]['overall']:.3f} / "
+                  f"{results['trained'][sparsity]['overall_1try']:.3f}  random {random_mean['overall']:.3f} / "
+                  f"{random_mean['overall_1try']:.3f}  baseline {results['baseline']['overall']:.3f} / "
+                  f"{results['baseline']['overall_1try']:.3f}")
+    curves = {"trained gates": {s: r["overall"] for s, r in results["trained"].items()},
+              "random gates (mean)": {s: float(np.mean([r["overall"] for r in rs]))
+                                      for s, rs in results["random"].items()}}
+    plot_accuracy_sparsity(curves, results["baseline"]["overall"], Path(args.run) / "plots" / "accuracy_sparsity.png")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""`duokit needlenet train`: retrain NeedleNet from scratch (docs/needlenet.md).
+
+Options left out keep the TrainSettings defaults (duokit/models/needlenet/config.py), which are the
+settings of the shipped model; nothing under duokit.models is imported until the command runs, so
+`duokit --help` stays free of torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("needlenet", help="NeedleNet, the tiny trained video VLM shipped with duokit",
+                                   description="NeedleNet: train the tiny Qwen2.5-VL from scratch on synthetic "
+                                               "needle videos (CPU, resumable).")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = actions.add_parser("train", help="train from scratch into --out (re-run the same command to resume)")
+    train.add_argument("--out", required=True, help="run directory (the model ends up in OUT/model)")
+    train.add_argument("--seed", type=int, help="model init and data seed (default 0)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 6000)")
+    train.add_argument("--batch-size", type=int, help="examples per step (default 16)")
+    train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
+    train.add_argument("--threads", type=int, help="torch threads of the training process (default 1)")
+    train.add_argument("--workers", type=int, help="data worker processes, 0 = none (default 1)")
+    train.add_argument("--no-mix-stages", dest="mix_stages", action="store_false", default=None,
+                       help="train each curriculum stage alone (default: every other step revisits an earlier one)")
+    train.set_defaults(func=run_train)
+    export = actions.add_parser("export", help="write OUT/model from the last checkpoint of a stopped run")
+    export.add_argument("--out", required=True, help="run directory of `duokit needlenet train`")
+    export.set_defaults(func=run_export)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from duokit.models.needlenet.config import TrainSettings
+    from duokit.models.needlenet.train import train
+
+    given = {key: getattr(args, key) for key in ("seed", "steps", "batch_size", "threads", "workers", "mix_stages")
+             if getattr(args, key) is not None}
+    try:
+        if args.curriculum is not None:
+            given["curriculum"] = tuple(int(frames) for frames in args.curriculum.split(","))
+        result = train(TrainSettings(**given), args.out)
+    except ValueError as err:
+        print(f"duokit needlenet train: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.out}/model: {result['step']} steps, last stage {result['frames']} frames")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from duokit.models.needlenet.train import export_checkpoint
+
+    try:
+        path = export_checkpoint(args.out)
+    except ValueError as err:
+        print(f"duokit needlenet export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: exported from the last checkpoint")
+    return 0

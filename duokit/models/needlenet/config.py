@@ -1,0 +1,94 @@
+"""NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (needlenet-probe.md "Setup").
+
+The language model has 4 layers of grouped-query attention (4 query / 2 KV heads, head_dim 32) so
+DuoAttention has (layer, KV head) pairs to choose between; the vision tower is 2 blocks of hidden 64.
+Frames are 56x56 px: 2x2 merged 14 px patches per 2-frame group, i.e. 2 video tokens per frame, so
+128 frames are 256 video tokens. At 56 px the VNBench subtitle line is set in a ~4 px font (needles.py
+shrinks it to fit the width): legible as a fixed pixel pattern per name, not as text (docs/needlenet.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+FRAME_SIZE = 56  # px, square; a multiple of patch 14 x merge 2
+EVAL_FRAMES = 32  # frames the shipped model is evaluated with (docs/needlenet.md)
+ANSWER_PARSER = "text"  # answers name the option's text (duokit/data/scoring.py parser "text")
+DUOKIT_FILE = "duokit.json"  # duokit's own metadata next to config.json: the answer parser, frames
+
+TEXT_CONFIG = {
+    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    # head_dim 32: the three M-RoPE sections must add up to head_dim / 2 (transformers.md §6 gotcha).
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+}
+VISION_CONFIG = {
+    "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2,
+    "window_size": 112, "fullatt_block_indexes": [1],
+}
+# The processor keeps frames at FRAME_SIZE x FRAME_SIZE (a square frame of another size is resized to it).
+VIDEO_SIZE = {"shortest_edge": FRAME_SIZE * FRAME_SIZE, "longest_edge": FRAME_SIZE * FRAME_SIZE}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    steps: int = 6000
+    batch_size: int = 16
+    # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
+    curriculum: tuple[int, ...] = (2, 4, 8, 16, 32)
+    advance_accuracy: float = 0.85
+    window: int = 40  # steps
+    max_stage_steps: int = 1000
+    mix_stages: bool = True  # every other step revisits an earlier stage (train.step_frames)
+    lr: float = 2e-3  # AdamW settings of the probe
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    warmup_steps: int = 150
+    final_lr_fraction: float = 0.05
+    clip_norm: float = 1.0
+    threads: int = 1  # torch threads of the training process; the data worker adds one process
+    workers: int = 1  # data processes (0: build batches in the training process)
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
+            raise ValueError(f"need steps >= 1, batch_size >= 1 and curriculum frame counts >= 2, got {self}")
+        if any(frames % 2 for frames in self.curriculum):
+            raise ValueError(f"curriculum frame counts must be even (Qwen merges frames in pairs), got {self.curriculum}")
+
+    def to_json(self) -> dict:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def build_processor():
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from duokit.models.needlenet.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=VIDEO_SIZE),
+        video_processor=Qwen2VLVideoProcessor(size=VIDEO_SIZE, cap_pixels_per_frame=False),
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def build_model(tokenizer, seed: int):
+    """A random-init NeedleNet whose vocabulary and special ids are the tokenizer's."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    special = {"bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = Qwen2_5_VLConfig(text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer), **special),
+                              vision_config=VISION_CONFIG, tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -1,0 +1,211 @@
+"""Train NeedleNet from scratch on CPU: AdamW, warm-up + cosine, a curriculum on frame count.
+
+Recipe from needlenet-probe.md ("Setup that worked"): the model only learns to find a needle when the
+haystack grows gradually, 2 -> 4 -> 8 -> 16 -> 32 frames. A stage ends when the answers to the
+retrieval questions of its last `window` steps are right at least `advance_accuracy` of the time (the
+probe's 0.9), or after `max_stage_steps` (a cap so one stuck sub-task cannot stall the run). Stages
+below 8 frames train retrieval only: ordering and counting videos need more frames to show every needle
+(data.tasks_for). The data of step s is a pure function of (seed, stage frames, s), built in a worker
+process while the model trains; a checkpoint every `checkpoint_every` steps makes a killed run resume
+where it stopped, with the same result.
+
+OUT/train_log.jsonl  one record per `log_every` steps (loss, accuracy per sub-task, frames, lr, s/step)
+OUT/ckpt/last.pt     model + optimizer + curriculum state, written atomically
+OUT/model/           the trained model in `save_pretrained` form + processor + duokit.json
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from duokit.data.vnbench import SUBTASKS
+from duokit.io import JsonlLog, atomic_write_bytes, atomic_write_json
+from duokit.models.needlenet.config import (
+    ANSWER_PARSER,
+    DUOKIT_FILE,
+    EVAL_FRAMES,
+    FRAME_SIZE,
+    TrainSettings,
+    build_model,
+    build_processor,
+)
+from duokit.models.needlenet.data import IGNORE, RETRIEVAL, BatchBuilder, make_example
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    floor = settings.final_lr_fraction
+    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_frames(settings: TrainSettings, stage: int, step: int) -> int:
+    """Frames of `step` in `stage`: the stage's own, or with `mix_stages` a round robin over the stages
+    so far (the stage's own every other step), so earlier skills keep being practised."""
+    if not settings.mix_stages or stage == 0 or step % 2 == 0:
+        return settings.curriculum[stage]
+    return settings.curriculum[(step // 2) % stage]
+
+
+class StageBatches(torch.utils.data.Dataset):
+    """Batch of step `first_step + i` in `stage`: `batch_size` examples of the stream."""
+
+    def __init__(self, processor, settings: TrainSettings, stage: int, first_step: int):
+        self.builder = BatchBuilder(processor)
+        self.settings, self.stage, self.first_step = settings, stage, first_step
+
+    def __len__(self) -> int:
+        return self.settings.steps - self.first_step
+
+    def __getitem__(self, i: int) -> tuple[dict, list[str]]:
+        size, step = self.settings.batch_size, self.first_step + i
+        frames = step_frames(self.settings, self.stage, step)
+        examples = [make_example(self.settings.seed, frames, step * size + k) for k in range(size)]
+        return self.builder(examples), [example.subtask for example in examples]
+
+
+def _batches(processor, settings: TrainSettings, stage: int, first_step: int):
+    dataset = StageBatches(processor, settings, stage, first_step)
+    if settings.workers == 0:
+        return iter(dataset[i] for i in range(len(dataset)))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=settings.workers,
+                                            prefetch_factor=4, persistent_workers=False))
+
+
+def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every answer token (and the closing <|im_end|>) is the argmax under teacher forcing."""
+    predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
+    scored = target != IGNORE
+    return ((predicted == target) | ~scored).all(-1)
+
+
+def save_model(model, processor, settings: TrainSettings, path: Path, extra: dict) -> Path:
+    """save_pretrained + processor + duokit.json into a temp folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / DUOKIT_FILE, {
+            "name": "needlenet", "answer_parser": ANSWER_PARSER, "frames": EVAL_FRAMES,
+            "frame_size": [FRAME_SIZE, FRAME_SIZE], "training": settings.to_json(), **extra})
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> dict:
+    """Train (or resume) into `out`; returns the final state (step, stage frames, last losses)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings_path = out / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings.to_json():
+        raise ValueError(f"{settings_path}: {out} holds a run with other settings; use a new --out or delete it")
+    atomic_write_json(settings_path, settings.to_json())
+    torch.set_num_threads(settings.threads)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, settings.seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    state = {"step": 0, "stage": 0, "stage_start": 0, "window": []}
+    checkpoint = out / "ckpt" / "last.pt"
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved.pop("model"))
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        state = saved
+    log = JsonlLog(out / "train_log.jsonl", key="step")
+    # (retrieval answers right, retrieval answers) per step of the current stage.
+    window = deque((tuple(pair) for pair in state["window"]), maxlen=settings.window)
+    totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(SUBTASKS, 0), "seen": dict.fromkeys(SUBTASKS, 0)}
+    bar = tqdm(total=settings.steps, initial=state["step"], desc="needlenet", unit="step", disable=not progress)
+    batches = _batches(processor, settings, state["stage"], state["step"])
+    clock = time.perf_counter()
+    while state["step"] < settings.steps:
+        step, frames = state["step"], settings.curriculum[state["stage"]]
+        batch, subtasks = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(settings, step)
+        output = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        optimizer.step()
+        correct = answer_correct(output.logits.detach(), batch["labels"]).tolist()
+        for subtask, right in zip(subtasks, correct):
+            totals["right"][subtask] += right
+            totals["seen"][subtask] += 1
+        if step_frames(settings, state["stage"], step) == frames:  # the stage's own frame count only
+            retrieval = [right for subtask, right in zip(subtasks, correct) if subtask in RETRIEVAL]
+            window.append((sum(retrieval), len(retrieval)))
+        totals["loss"] += float(output.loss.detach())
+        totals["steps"] += 1
+        state["step"] = step + 1
+        bar.update(1)
+        stage_steps = state["step"] - state["stage_start"]
+        accuracy = sum(r for r, _ in window) / max(1, sum(n for _, n in window))
+        advance = state["stage"] + 1 < len(settings.curriculum) and (
+            (len(window) == settings.window and accuracy >= settings.advance_accuracy)
+            or stage_steps >= settings.max_stage_steps)
+        if state["step"] % settings.log_every == 0 or advance or state["step"] == settings.steps:
+            seconds = time.perf_counter() - clock
+            record = {"step": state["step"], "frames": frames, "loss": totals["loss"] / totals["steps"],
+                      "lr": learning_rate(settings, step), "retrieval_window_accuracy": accuracy,
+                      "accuracy": {t: totals["right"][t] / totals["seen"][t] for t in SUBTASKS if totals["seen"][t]},
+                      "s_per_step": seconds / totals["steps"]}
+            log.append(record)
+            bar.set_postfix(frames=frames, loss=f"{record['loss']:.3f}", ret=f"{accuracy:.2f}")
+            totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(SUBTASKS, 0), "seen": dict.fromkeys(SUBTASKS, 0)}
+            clock = time.perf_counter()
+        if advance:
+            state.update(stage=state["stage"] + 1, stage_start=state["step"])
+            window.clear()
+            batches = _batches(processor, settings, state["stage"], state["step"])
+        state["window"] = [list(pair) for pair in window]
+        if state["step"] % settings.checkpoint_every == 0 or state["step"] == settings.steps:
+            _save_checkpoint(checkpoint, model, optimizer, state)
+    bar.close()
+    model.eval()
+    save_model(model, processor, settings, out / "model",
+               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]]})
+    return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
+            "log": log.records[-1] if log.records else None}
+
+
+def export_checkpoint(out: str | Path) -> Path:
+    """Write OUT/model from OUT/ckpt/last.pt (a run stopped before its last step); returns the path."""
+    out = Path(out)
+    checkpoint, settings_path = out / "ckpt" / "last.pt", out / "settings.json"
+    if not checkpoint.exists() or not settings_path.exists():
+        raise ValueError(f"{out}: no checkpoint (ckpt/last.pt + settings.json); train into it first")
+    raw = json.loads(settings_path.read_text())
+    settings = TrainSettings(**{key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
+    saved = torch.load(checkpoint, weights_only=True)
+    processor = build_processor()
+    model = build_model(processor.tokenizer, settings.seed)
+    model.load_state_dict(saved["model"])
+    return save_model(model.eval(), processor, settings, out / "model",
+                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]]})
+
