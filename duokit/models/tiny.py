@@ -145,13 +145,21 @@ def _finish(model, tokenizer):
     return model.eval()
 
 
+def _qwen2_processor(processor_class, tokenizer):
+    """The processor Qwen2-VL and Qwen2.5-VL share: Qwen2-VL image and video processors at the tiny size."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    return processor_class(
+        image_processor=Qwen2VLImageProcessor(size=QWEN_VIDEO_SIZE),
+        video_processor=Qwen2VLVideoProcessor(size=QWEN_VIDEO_SIZE, cap_pixels_per_frame=False),
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
 def _qwen2_5_vl():
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     tokenizer = byte_tokenizer("qwen")
@@ -160,20 +168,15 @@ def _qwen2_5_vl():
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                        "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 56},
         **_qwen_vision_ids(tokenizer))
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=QWEN_VIDEO_SIZE),
-        video_processor=Qwen2VLVideoProcessor(size=QWEN_VIDEO_SIZE, cap_pixels_per_frame=False),
-        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    return _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer), processor
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer), _qwen2_processor(
+        Qwen2_5_VLProcessor, tokenizer)
 
 
 def _qwen2_vl():
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
         Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
     )
 
     tokenizer = byte_tokenizer("qwen")
@@ -181,11 +184,8 @@ def _qwen2_vl():
         text_config=dict(TEXT, rope_parameters=MROPE, **_text_ids(tokenizer)),
         vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
         **_qwen_vision_ids(tokenizer))
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=QWEN_VIDEO_SIZE),
-        video_processor=Qwen2VLVideoProcessor(size=QWEN_VIDEO_SIZE, cap_pixels_per_frame=False),
-        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
-    return _finish(Qwen2VLForConditionalGeneration(config), tokenizer), processor
+    return _finish(Qwen2VLForConditionalGeneration(config), tokenizer), _qwen2_processor(
+        Qwen2VLProcessor, tokenizer)
 
 
 def _qwen3_vl():
