@@ -30,23 +30,6 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "n/a"
 
 
-class NeedleNetTask:
-    """`example(index)`: NeedleNet's training example `index` as a teacher-forced gate-training example."""
-
-    def __init__(self, adapter, frames: int, seed: int):
-        from duokit.methods.duo.train_data import ChatExamples
-
-        self.encoder = ChatExamples(adapter)
-        self.frames, self.seed = frames, seed
-
-    def example(self, index: int):
-        from duokit.data.synth.training import QA
-        from duokit.models.needlenet.data import make_example
-
-        item = make_example(self.seed, self.frames, index, split="train")
-        return self.encoder.encode(item.frames, item.fps, [QA(item.prompt, item.answer, ((0, len(item.answer)),))])
-
-
 def heldout_accuracy(model, adapter, method, frames: int, per_task: int, seed: int, parser: str) -> dict:
     """The scorer JSON on fresh eval-split samples (duokit.models.needlenet.evaluate, any method)."""
     from tqdm.auto import tqdm
@@ -77,6 +60,7 @@ def main() -> None:
     from duokit.methods.duo.train_plots import plot_accuracy_sparsity
     from duokit.models import load_vlm, resolve_model_path
     from duokit.models.needlenet.config import ANSWER_PARSER, FRAME_SIZE
+    from duokit.models.needlenet.gate_data import NeedleNetTask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="needlenet")

@@ -14,6 +14,7 @@ import sys
 # sub-command -> module defining `register(subparsers)`; the module's parser sets `func`.
 COMMAND_MODULES = {
     "data": "duokit.data.commands",
+    "demo": "duokit.demo",
     "needlenet": "duokit.models.needlenet.commands",
     "pattern": "duokit.methods.duo.commands",
     "score": "duokit.data.score_command",

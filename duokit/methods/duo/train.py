@@ -134,12 +134,15 @@ def step_loss(adapter: Any, gates: Any, example: Any, reg_weight: float,
 def make_data(settings: TrainSettings, adapter: Any) -> Any:
     from duokit.data.synth.training import TrainingConfig
     from duokit.methods.duo.train_data import PasskeyData, VideoNeedleData
+    from duokit.models.needlenet.gate_data import NeedleNetTask, is_needlenet
 
     if settings.text_file is not None:
         return PasskeyData(adapter, settings.text_file, settings.context_min, settings.context_max, seed=settings.seed)
     if not adapter.is_multimodal:
         raise ValueError(f"{settings.model} is a text LM: pass --text-file (any long local text) for the official "
                          "multi-passkey recipe")
+    if is_needlenet(settings.model):  # its word-level tokenizer cannot read the training variant's sentences
+        return NeedleNetTask(adapter, settings.frames, settings.seed)
     config = TrainingConfig(frame_counts=settings.frames, fps=settings.fps, size=settings.frame_size,
                             needles=settings.needles, seed=settings.seed, split="train")
     return VideoNeedleData(adapter, config)
@@ -293,6 +296,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     from duokit.methods.duo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from duokit.methods.duo.gates import DuoGates, enable_gate_training
     from duokit.methods.duo.pattern import save_pattern
+    from duokit.methods.duo.train_data import PasskeyData, VideoNeedleData
     from duokit.methods.duo.train_plots import write_plots
     from duokit.models import load_vlm
 
@@ -319,7 +323,8 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     truncate_history(run_dir / HISTORY_FILE, start)
     history = JsonlLog(run_dir / HISTORY_FILE, key="step")
     data = make_data(settings, adapter) if data_source is None else data_source(adapter)
-    custom_data = None if data_source is None else type(data).__qualname__
+    # The pattern records which data trained it: a name for anything but the two generic recipes.
+    custom_data = None if isinstance(data, (PasskeyData, VideoNeedleData)) else type(data).__qualname__
 
     def save(step: int) -> None:
         save_checkpoint(run_dir, {"step": step, "data_position": step, "gates": gates.gates.detach().cpu(),
