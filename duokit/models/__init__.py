@@ -16,7 +16,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 SHIPPED_MODELS = ("needlenet",)  # trained models inside the package, under duokit/assets/<name> (docs/needlenet.md)
 
 __all__ = ["DEFAULT_MODEL", "TINY_FAMILIES", "Adapter", "Prefix", "adapter_for", "adapters", "answer_parser",
-           "load_vlm", "resolve_model_path"]
+           "duokit_metadata", "load_vlm", "resolve_model_path"]
 
 
 def __getattr__(name: str) -> Any:
@@ -57,13 +57,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(local) if local.exists() else name_or_path
 
 
+def duokit_metadata(path: str) -> dict:
+    """duokit's own notes on a model directory (`duokit.json`, written by NeedleNet training); {} if none."""
+    import json
+
+    meta = Path(path) / "duokit.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def answer_parser(name_or_path: str) -> str:
     """The answer parser a model was trained for: `answer_parser` of its `duokit.json` (NeedleNet answers
     in option text, docs/needlenet.md), else the official letter parser."""
-    import json
-
-    meta = Path(resolve_model_path(name_or_path)) / "duokit.json"
-    return json.loads(meta.read_text())["answer_parser"] if meta.is_file() else "official"
+    return duokit_metadata(resolve_model_path(name_or_path)).get("answer_parser", "official")
 
 
 def adapter_for(model_type: str) -> type:
@@ -91,6 +96,11 @@ def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto") -> tu
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path)
     adapter_cls = adapter_for(config.model_type)
+    # The M-RoPE rule for text after a video the model was trained with (Qwen-VL; docs/architecture.md).
+    text_after_video = duokit_metadata(path).get("text_after_video")
+    if text_after_video is not None and text_after_video not in getattr(adapter_cls, "text_after_video_rules", ()):
+        raise ValueError(f"{Path(path) / 'duokit.json'}: text_after_video {text_after_video!r} is not a rule of "
+                         f"{config.model_type} models; Qwen-VL models take 'qwen' or 'transformers'")
     device = torch.device(pick_device() if device == "auto" else device)
     dtype = pick_dtype(str(device)) if dtype == "auto" else dtype
     if isinstance(dtype, str):  # "bfloat16" -> torch.bfloat16
@@ -103,4 +113,7 @@ def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto") -> tu
     model = loader.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map=str(device))
     model.eval()
     processor = (AutoProcessor if adapter_cls.is_multimodal else AutoTokenizer).from_pretrained(path)
-    return model, processor, adapter_cls(model, processor)
+    adapter = adapter_cls(model, processor)
+    if text_after_video is not None:
+        adapter.text_after_video = text_after_video
+    return model, processor, adapter

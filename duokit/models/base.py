@@ -24,8 +24,8 @@ class Prefix:
     `position_ids` is `(3, 1, L)` for M-RoPE families and `(1, L)` otherwise. Text appended to the
     prefix (a try's suffix, then the generated tokens) continues at `next_position`, one position per
     token, as `generate` continues its position ids. With 1-D positions that is L; with M-RoPE it is
-    the last (text) position + 1, which in transformers 5.23 can be smaller than the largest video
-    position (docs/architecture.md, "M-RoPE positions"). `layer_inputs` holds extra per-video-token
+    the last (text) position + 1; under Qwen-VL's "transformers" rule that can be smaller than the
+    largest video position (docs/architecture.md, "M-RoPE positions"). `layer_inputs` holds extra per-video-token
     inputs of the language model (Qwen3-VL deepstack features, one row per video token in order),
     sliced per chunk by `Adapter.chunk_inputs`; a method that drops video tokens drops their rows too.
     """

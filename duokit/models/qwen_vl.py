@@ -3,14 +3,17 @@
 Prefix embedding follows reference transformers.md §7 ("Pixel path ≡ embeddings path"): video
 features from `get_video_features` scattered into the token embeddings at the video-token positions,
 and `(3, 1, L)` positions from `get_rope_index` (given `mm_token_type_ids`, which Qwen2-VL and Qwen3-VL
-require). A try's suffix and its generated tokens continue after the prefix's last (text) position,
-exactly as `generate` continues its position ids (see `Prefix`). Qwen3-VL
+require), with the text after each video placed by the adapter's `text_after_video` rule: "qwen" (Qwen's
+own code: one past the video's largest position) or "transformers" (`get_rope_index` of transformers
+5.3-5.23 as is); docs/architecture.md, "M-RoPE positions". A try's suffix and its generated tokens
+continue after the prefix's last (text) position, as `generate` continues its position ids. Qwen3-VL
 also adds deepstack features to the video tokens' hidden states in its first decoder layers; they are
 kept in `Prefix.layer_inputs` and sliced per prefill chunk.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -18,9 +21,43 @@ import torch
 from duokit.models.base import Adapter, Prefix
 
 
+def mask_runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """(start, end, value) of each run of equal values of a 1-D bool tensor, in order."""
+    changes = ((mask[1:] != mask[:-1]).nonzero()[:, 0] + 1).tolist()
+    bounds = [0, *changes, len(mask)]
+    return [(start, end, bool(mask[start])) for start, end in pairwise(bounds)]
+
+
+def qwen_text_after_video(position_ids: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    """`get_rope_index` positions `(3, 1, L)` with the text after each video placed as Qwen places it.
+
+    Qwen's code (qwen-vl-finetune/qwenvl/data/rope2d.py::get_rope_index_25, transformers <= 5.2) starts
+    the text after a video one past the video's largest position on any of the 3 axes; transformers
+    5.3-5.23 start it at the video's start + max(h, w) / merge. Each text run after a video run is
+    moved to Qwen's start, and the move carries to every later token (videos included: their positions
+    are offsets from where they start).
+    """
+    positions = position_ids.clone()
+    shift, video_start = 0, None
+    for start, end, is_video in mask_runs(video_mask):
+        positions[..., start:end] += shift
+        if is_video:
+            video_start = start
+        elif video_start is not None:  # runs alternate, so a video run ends at `start`
+            step = int(positions[..., video_start:start].max()) + 1 - int(positions[0, 0, start])
+            positions[..., start:end] += step
+            shift += step
+    return positions
+
+
 class QwenVLAdapter(Adapter):
     family = "qwen_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    # Where text after a video starts: "qwen", the rule real Qwen-VL checkpoints were trained with, or
+    # "transformers", `get_rope_index` of transformers 5.23 as is (what `generate` uses, and what NeedleNet
+    # was trained with). `load_vlm` sets it from the model's duokit.json key "text_after_video".
+    text_after_video_rules = ("qwen", "transformers")
+    text_after_video = "qwen"
 
     @property
     def video_token_id(self) -> int:
@@ -52,6 +89,11 @@ class QwenVLAdapter(Adapter):
             position_ids, _ = core.get_rope_index(
                 input_ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                 attention_mask=inputs.get("attention_mask"), **rope_kwargs)
+        if self.text_after_video not in self.text_after_video_rules:
+            raise ValueError(f"text_after_video must be one of {self.text_after_video_rules}, "
+                             f"got {self.text_after_video!r}")
+        if self.text_after_video == "qwen":
+            position_ids = qwen_text_after_video(position_ids, video_mask)
         if video_mask[-1]:
             raise ValueError("a Qwen-VL prefix must end with a text token (<|vision_end|>) so the "
                              "position of the text after it is known; check the chat template")

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 FRAME_SIZE = 56  # px, square; a multiple of patch 14 x merge 2
 EVAL_FRAMES = 32  # frames the shipped model is evaluated with (docs/needlenet.md)
 ANSWER_PARSER = "text"  # answers name the option's text (duokit/data/scoring.py parser "text")
+# NeedleNet trains on `get_rope_index`'s positions (transformers 5.23, data.BatchBuilder through the model's
+# forward), so it is evaluated with them too: the Qwen-VL adapter's "transformers" rule (docs/architecture.md).
+TEXT_AFTER_VIDEO = "transformers"
 DUOKIT_FILE = "duokit.json"  # duokit's own metadata next to config.json: the answer parser, frames
 
 TEXT_CONFIG = {

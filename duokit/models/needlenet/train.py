@@ -35,6 +35,7 @@ from duokit.models.needlenet.config import (
     DUOKIT_FILE,
     EVAL_FRAMES,
     FRAME_SIZE,
+    TEXT_AFTER_VIDEO,
     TrainSettings,
     build_model,
     build_processor,
@@ -98,7 +99,8 @@ def save_model(model, processor, settings: TrainSettings, path: Path, extra: dic
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / DUOKIT_FILE, {
-            "name": "needlenet", "answer_parser": ANSWER_PARSER, "frames": EVAL_FRAMES,
+            "name": "needlenet", "answer_parser": ANSWER_PARSER, "text_after_video": TEXT_AFTER_VIDEO,
+            "frames": EVAL_FRAMES,
             "frame_size": [FRAME_SIZE, FRAME_SIZE], "training": settings.to_json(), **extra})
         if path.exists():
             shutil.rmtree(path)
