@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from duokit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl, read_json
+from duokit.io import atomic_write_json, atomic_write_text, iter_jsonl, read_json
+from duokit.plots import new_figure, save_png
 
 MODEL = "needlenet"
 # The official step count (duoattention.md §5): the whole default demo took 134 s on 1 thread of a
@@ -230,29 +230,14 @@ def markdown(config: dict, rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API on the Agg canvas: no display needed, no pyplot state).
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
-
+# Plots (duokit.plots: Agg canvas, no display needed, written atomically).
 
 def plot_subtasks(rows: list[dict], path: Path) -> Path:
     import numpy as np
 
     from duokit.data.vnbench import PAPER_LABELS, SUBTASKS
 
-    figure = _figure(9, 3.5)
+    figure = new_figure(9, 3.5)
     axes = figure.add_subplot()
     x, width = np.arange(len(SUBTASKS)), 0.8 / len(rows)
     for k, row in enumerate(rows):
@@ -263,11 +248,11 @@ def plot_subtasks(rows: list[dict], path: Path) -> Path:
     axes.set_ylim(0, 100)
     axes.legend()
     axes.set_title("Accuracy per sub-task")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_accuracy_kv(rows: list[dict], path: Path) -> Path:
-    figure = _figure(5, 3.5)
+    figure = new_figure(5, 3.5)
     axes = figure.add_subplot()
     for row in rows:
         x, y = row["kv_bytes"] / MIB, 100 * row["overall"]
@@ -278,11 +263,11 @@ def plot_accuracy_kv(rows: list[dict], path: Path) -> Path:
     axes.set_xlim(0, 1.3 * max(row["kv_bytes"] for row in rows) / MIB)  # room for the labels
     axes.set_ylim(0, 100)
     axes.set_title("Accuracy vs KV-cache memory")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_latency(rows: list[dict], path: Path) -> Path:
-    figure = _figure(8, 3)
+    figure = new_figure(8, 3)
     labels = [row["label"] for row in rows]
     for k, (key, scale, unit) in enumerate((("prefill_s", 1.0, "prefill s"), ("decode_s_per_token", 1000.0,
                                                                               "decode ms/token"))):
@@ -290,7 +275,7 @@ def plot_latency(rows: list[dict], path: Path) -> Path:
         axes.bar(labels, [scale * row[key] for row in rows], color=[f"C{i}" for i in range(len(rows))])
         axes.set_ylabel(unit)
     figure.suptitle("Latency (mean per sample)")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def report(run: Path, config: dict, demo: DemoConfig) -> tuple[str, dict]:

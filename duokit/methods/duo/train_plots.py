@@ -1,37 +1,20 @@
 """Plots of a gate-training run: layers × KV-heads heatmap, gate histogram, loss curve (RUN/plots/).
 
-Uses matplotlib's object API with the Agg canvas (no pyplot state, works headless); each PNG is
-rendered in memory and written atomically.
+Drawn with `duokit.plots` (Agg canvas, no display needed; each PNG written atomically).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 
-from duokit.io import atomic_write_bytes
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    return atomic_write_bytes(path, buffer.getvalue())
+from duokit.plots import new_figure, save_png
 
 
 def plot_gates_heatmap(gates: np.ndarray, path: Path, title: str = "DuoAttention gates") -> Path:
     layers, heads = gates.shape
-    figure = _figure(max(3.0, 0.35 * heads + 2), max(3.0, 0.22 * layers + 1.5))
+    figure = new_figure(max(3.0, 0.35 * heads + 2), max(3.0, 0.22 * layers + 1.5))
     axes = figure.add_subplot()
     image = axes.imshow(gates, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
     axes.set_xlabel("KV head")
@@ -40,21 +23,21 @@ def plot_gates_heatmap(gates: np.ndarray, path: Path, title: str = "DuoAttention
     axes.set_yticks(range(0, layers, max(1, layers // 16)))
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="gate α (1 = retrieval)")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_gate_histogram(gates: np.ndarray, path: Path) -> Path:
-    figure = _figure(4.5, 3.0)
+    figure = new_figure(4.5, 3.0)
     axes = figure.add_subplot()
     axes.hist(gates.ravel(), bins=np.linspace(0.0, 1.0, 21), color="tab:blue", edgecolor="white")
     axes.set_xlabel("gate α")
     axes.set_ylabel("KV heads")
     axes.set_title(f"{gates.size} gates, mean {gates.mean():.3f}")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_loss(history: list[dict], path: Path) -> Path:
-    figure = _figure(5.5, 3.2)
+    figure = new_figure(5.5, 3.2)
     axes = figure.add_subplot()
     steps = [r["step"] for r in history]
     for key, label in (("loss", "total"), ("distill_loss", "distillation (MSE)"), ("reg_loss", "mean |gate|")):
@@ -63,12 +46,12 @@ def plot_loss(history: list[dict], path: Path) -> Path:
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.legend()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_accuracy_sparsity(curves: dict[str, dict[float, float]], baseline: float, path: Path) -> Path:
     """Accuracy against the fraction of streaming heads, one line per pattern, the baseline dashed."""
-    figure = _figure(4.8, 3.2)
+    figure = new_figure(4.8, 3.2)
     axes = figure.add_subplot()
     for label, curve in curves.items():
         sparsities = sorted(curve)
@@ -77,7 +60,7 @@ def plot_accuracy_sparsity(curves: dict[str, dict[float, float]], baseline: floa
     axes.set_xlabel("streaming heads (fraction)")
     axes.set_ylabel("accuracy")
     axes.legend()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def write_plots(directory: str | Path, gates: np.ndarray, history: list[dict]) -> list[Path]:
