@@ -9,23 +9,18 @@ prompt of one try and the gt option's text as the teacher-forced answer, the los
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
-
-from duokit.models.needlenet.config import DUOKIT_FILE
 
 MODEL_NAME = "needlenet"  # the `name` a NeedleNet checkpoint records in its duokit.json (train.py)
 
 
 def is_needlenet(name_or_path: str) -> bool:
     """True for the shipped `needlenet` and any NeedleNet checkpoint directory (its duokit.json says so)."""
-    from duokit.models import resolve_model_path
+    from duokit.models import duokit_metadata, resolve_model_path
 
     if name_or_path.startswith("tiny:"):
         return False
-    meta = Path(resolve_model_path(name_or_path)) / DUOKIT_FILE
-    return meta.is_file() and json.loads(meta.read_text()).get("name") == MODEL_NAME
+    return duokit_metadata(resolve_model_path(name_or_path)).get("name") == MODEL_NAME
 
 
 class NeedleNetTask:
