@@ -60,7 +60,6 @@ def main() -> None:
     from duokit.methods.duo.train_plots import plot_accuracy_sparsity
     from duokit.models import load_vlm, resolve_model_path
     from duokit.models.needlenet.config import ANSWER_PARSER, FRAME_SIZE
-    from duokit.models.needlenet.gate_data import NeedleNetTask
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="needlenet")
@@ -79,7 +78,7 @@ def main() -> None:
     settings = TrainSettings(model=args.model, steps=args.steps, save_every=50, sink=args.sink, recent=args.recent,
                              loss_positions="predicting", seed=args.seed, frames=(args.frames,),
                              frame_size=(FRAME_SIZE, FRAME_SIZE), device="cpu", dtype="float32")
-    summary = train_gates(settings, args.run, lambda adapter: NeedleNetTask(adapter, args.frames, args.seed))
+    summary = train_gates(settings, args.run)  # NeedleNet's own task data (methods/duo/train.py::make_data)
     model, _, adapter = load_vlm(args.model, dtype=torch.float32, device="cpu")
     trained = load_pattern(Path(args.run) / "pattern").gates
     print(f"trained gates: mean {summary['gate_mean']:.3f}, min {summary['gate_min']:.3f}\n{np.round(trained, 3)}")
