@@ -2,6 +2,7 @@
 shipped model loads through load_vlm and beats chance on a fresh held-out set."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ from duokit.data.synth.pools import NAMES, OBJECTS
 from duokit.data.vnbench import SUBTASKS, official_prompt
 from duokit.models.needlenet.config import ANSWER_PARSER, DUOKIT_FILE, TrainSettings, build_processor
 from duokit.models.needlenet.data import BatchBuilder, make_example, tasks_for
+from duokit.models.needlenet.recognition import (
+    BACKGROUND_TOKEN,
+    KINDS,
+    RecognitionBatches,
+    kind_of,
+    make_group,
+)
 from duokit.models.needlenet.tokenizer import answer_items, build_tokenizer, corpus
 from duokit.models.needlenet.train import answer_correct, export_checkpoint, learning_rate, train
 
@@ -100,8 +108,8 @@ def test_settings_reject_bad_values_and_schedule_warms_up():
 def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     from duokit.models import load_vlm
 
-    settings = TrainSettings(steps=24, batch_size=4, curriculum=(2,), warmup_steps=2, workers=0, log_every=4,
-                             checkpoint_every=12)
+    settings = TrainSettings(recognition_steps=0, steps=24, batch_size=4, curriculum=(2,), warmup_steps=2,
+                             workers=0, log_every=4, checkpoint_every=12)
     train(settings, tmp_path, progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses
@@ -116,7 +124,55 @@ def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path)
     for (name, value), (_, again) in zip(model.state_dict().items(), exported.state_dict().items()):
         assert torch.equal(value, again), name
     with pytest.raises(ValueError, match="other settings"):  # a different run into the same folder
-        train(TrainSettings(steps=25, batch_size=4, curriculum=(2,), workers=0), tmp_path, progress=False)
+        train(TrainSettings(recognition_steps=0, steps=25, batch_size=4, curriculum=(2,), workers=0), tmp_path,
+              progress=False)
+
+
+def test_recognition_groups_are_reproducible_and_name_one_word_each(processor):
+    frames, word = make_group(5, 11)
+    again, same = make_group(5, 11)
+    assert np.array_equal(frames, again) and word == same and frames.shape == (2, 56, 56, 3)
+    words = [make_group(5, index)[1] for index in range(300)]
+    kinds = Counter(kind_of(word) for word in words)
+    assert set(kinds) == set(KINDS) and kinds["name"] > kinds["fruit"]  # the KINDS weights
+    ids = processor.tokenizer.convert_tokens_to_ids(words)
+    assert processor.tokenizer.unk_token_id not in ids  # every answer word is one token of the vocabulary
+    assert {word for word in words if kind_of(word) == "haystack"} == {BACKGROUND_TOKEN}
+
+
+def test_recognition_stage_trains_only_vision_and_embeddings_lowers_its_loss_and_resumes_exactly(
+        tmp_path, monkeypatch, processor):
+    from duokit.models.needlenet.config import build_model
+
+    settings = TrainSettings(recognition_steps=30, recognition_batch_size=16, steps=1, batch_size=2,
+                             curriculum=(2,), workers=0, log_every=5, checkpoint_every=10)
+    train(settings, tmp_path / "whole", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "whole" / "recognition_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5, log
+    # Stop the run inside the recognition stage (after the step-20 checkpoint), then resume it.
+    original = RecognitionBatches.__getitem__
+
+    def fail_at_step_25(self, i):
+        if self.first_step + i == 25:
+            raise KeyboardInterrupt
+        return original(self, i)
+
+    monkeypatch.setattr(RecognitionBatches, "__getitem__", fail_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(RecognitionBatches, "__getitem__", original)
+    # The step-20 checkpoint: only the vision tower and the (tied) word embeddings have learned.
+    stopped = torch.load(tmp_path / "resumed" / "ckpt" / "last.pt", weights_only=True)
+    assert stopped["recognition_step"] == 20 and stopped["step"] == 0
+    for name, value in build_model(processor.tokenizer, settings.seed).state_dict().items():
+        learns = ".visual." in f".{name}" or "embed_tokens" in name or name == "lm_head.weight"
+        assert torch.equal(value, stopped["model"][name]) != learns, name
+    train(settings, tmp_path / "resumed", progress=False)
+    whole = torch.load(tmp_path / "whole" / "ckpt" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "ckpt" / "last.pt", weights_only=True)["model"]
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     train = actions.add_parser("train", help="train from scratch into --out (re-run the same command to resume)")
     train.add_argument("--out", required=True, help="run directory (the model ends up in OUT/model)")
     train.add_argument("--seed", type=int, help="model init and data seed (default 0)")
-    train.add_argument("--steps", type=int, help="optimizer steps (default 6000)")
+    train.add_argument("--recognition-steps", type=int,
+                       help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
+    train.add_argument("--steps", type=int, help="video QA optimizer steps (default 6000)")
     train.add_argument("--batch-size", type=int, help="examples per step (default 16)")
     train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
     train.add_argument("--threads", type=int, help="torch threads of the training process (default 1)")
@@ -36,8 +38,8 @@ def run_train(args: argparse.Namespace) -> int:
     from duokit.models.needlenet.config import TrainSettings
     from duokit.models.needlenet.train import train
 
-    given = {key: getattr(args, key) for key in ("seed", "steps", "batch_size", "threads", "workers", "mix_stages")
-             if getattr(args, key) is not None}
+    keys = ("seed", "recognition_steps", "steps", "batch_size", "threads", "workers", "mix_stages")
+    given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     try:
         if args.curriculum is not None:
             given["curriculum"] = tuple(int(frames) for frames in args.curriculum.split(","))

@@ -37,6 +37,10 @@ VIDEO_SIZE = {"shortest_edge": FRAME_SIZE * FRAME_SIZE, "longest_edge": FRAME_SI
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
+    # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
+    recognition_steps: int = 2000
+    recognition_batch_size: int = 128  # 2-frame groups per step
+    recognition_lr: float = 3e-3
     steps: int = 6000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
@@ -57,6 +61,8 @@ class TrainSettings:
     log_every: int = 10
 
     def __post_init__(self):
+        if self.recognition_steps < 0 or self.recognition_batch_size < 1:
+            raise ValueError(f"need recognition_steps >= 0 and recognition_batch_size >= 1, got {self}")
         if self.steps < 1 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
             raise ValueError(f"need steps >= 1, batch_size >= 1 and curriculum frame counts >= 2, got {self}")
         if any(frames % 2 for frames in self.curriculum):

@@ -1,14 +1,20 @@
-"""Train NeedleNet from scratch on CPU: AdamW, warm-up + cosine, a curriculum on frame count.
+"""Train NeedleNet from scratch on CPU: a recognition stage, then video QA with a curriculum on frame count.
 
-Recipe from needlenet-probe.md ("Setup that worked"): the model only learns to find a needle when the
-haystack grows gradually, 2 -> 4 -> 8 -> 16 -> 32 frames. A stage ends when the answers to the
-retrieval questions of its last `window` steps are right at least `advance_accuracy` of the time (the
-probe's 0.9), or after `max_stage_steps` (a cap so one stuck sub-task cannot stall the run). Stages
-below 8 frames train retrieval only: ordering and counting videos need more frames to show every needle
-(data.tasks_for). The data of step s is a pure function of (seed, stage frames, s), built in a worker
-process while the model trains; a checkpoint every `checkpoint_every` steps makes a killed run resume
-where it stopped, with the same result.
+1. Recognition (recognition.py, `recognition_steps`): the vision tower learns to map a needle's 2-frame
+   group onto the embedding of its answer word (the tied word embeddings learn with it; the language
+   model's layers get no gradient).
+2. Video QA: AdamW, warm-up + cosine, recipe from needlenet-probe.md ("Setup that worked"): the model
+   only learns to find a needle when the haystack grows gradually, 2 -> 4 -> 8 -> 16 -> 32 frames. A
+   stage ends when the answers to the retrieval questions of its last `window` steps are right at least
+   `advance_accuracy` of the time (the probe's 0.9), or after `max_stage_steps` (a cap so one stuck
+   sub-task cannot stall the run). Stages below 8 frames train retrieval only: ordering and counting
+   videos need more frames to show every needle (data.tasks_for).
 
+The data of every step is a pure function of (seed, stage, step), built in a worker process while the
+model trains; a checkpoint every `checkpoint_every` steps makes a killed run resume where it stopped,
+with the same result.
+
+OUT/recognition_log.jsonl  one record per `log_every` recognition steps (loss, accuracy per needle kind)
 OUT/train_log.jsonl  one record per `log_every` steps (loss, accuracy per sub-task, frames, lr, s/step)
 OUT/ckpt/last.pt     model + optimizer + curriculum state, written atomically
 OUT/model/           the trained model in `save_pretrained` form + processor + duokit.json
@@ -41,14 +47,24 @@ from duokit.models.needlenet.config import (
     build_processor,
 )
 from duokit.models.needlenet.data import IGNORE, RETRIEVAL, BatchBuilder, make_example
+from duokit.models.needlenet.recognition import KINDS, RecognitionBatches, word_logits
+
+
+def warmup_cosine(peak: float, warmup: int, total: int, floor: float, step: int) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine down to `floor * peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def learning_rate(settings: TrainSettings, step: int) -> float:
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    floor = settings.final_lr_fraction
-    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return warmup_cosine(settings.lr, settings.warmup_steps, settings.steps, settings.final_lr_fraction, step)
+
+
+def recognition_learning_rate(settings: TrainSettings, step: int) -> float:
+    warmup = min(settings.warmup_steps, settings.recognition_steps // 10)
+    return warmup_cosine(settings.recognition_lr, warmup, settings.recognition_steps, settings.final_lr_fraction, step)
 
 
 def step_frames(settings: TrainSettings, stage: int, step: int) -> int:
@@ -77,7 +93,10 @@ class StageBatches(torch.utils.data.Dataset):
 
 
 def _batches(processor, settings: TrainSettings, stage: int, first_step: int):
-    dataset = StageBatches(processor, settings, stage, first_step)
+    return _loader(StageBatches(processor, settings, stage, first_step), settings)
+
+
+def _loader(dataset, settings: TrainSettings):
     if settings.workers == 0:
         return iter(dataset[i] for i in range(len(dataset)))
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=settings.workers,
@@ -116,6 +135,54 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, state: dict, out: Path,
+                          progress: bool) -> None:
+    """The recognition stage (recognition.py): vision tower + word embeddings only (the language model's
+    weights get no gradient, so AdamW leaves them as they are), logged to OUT/recognition_log.jsonl."""
+    from tqdm.auto import tqdm
+
+    log = JsonlLog(out / "recognition_log.jsonl", key="step")
+    checkpoint = out / "ckpt" / "last.pt"
+    batches = _loader(RecognitionBatches(BatchBuilder(processor), settings.seed, settings.recognition_batch_size,
+                                         state["recognition_step"], settings.recognition_steps), settings)
+    totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
+    bar = tqdm(total=settings.recognition_steps, initial=state["recognition_step"], desc="needlenet recognition",
+               unit="step", disable=not progress)
+    clock = time.perf_counter()
+    while state["recognition_step"] < settings.recognition_steps:
+        step = state["recognition_step"]
+        pixels, grid, words, kinds = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = recognition_learning_rate(settings, step)
+        logits = word_logits(model, pixels, grid)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), words.repeat_interleave(logits.shape[1]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        optimizer.step()
+        for kind, right in zip(kinds, (logits.detach().mean(1).argmax(-1) == words).tolist()):
+            totals["right"][kind] += right
+            totals["seen"][kind] += 1
+        totals["loss"] += float(loss.detach())
+        totals["steps"] += 1
+        state["recognition_step"] = step + 1
+        bar.update(1)
+        done = state["recognition_step"] == settings.recognition_steps
+        if state["recognition_step"] % settings.log_every == 0 or done:
+            record = {"step": state["recognition_step"], "loss": totals["loss"] / totals["steps"],
+                      "lr": recognition_learning_rate(settings, step),
+                      "accuracy": {k: totals["right"][k] / totals["seen"][k] for k in KINDS if totals["seen"][k]},
+                      "s_per_step": (time.perf_counter() - clock) / totals["steps"]}
+            if record["step"] not in log:  # a resumed run repeats the steps after its last checkpoint
+                log.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", names=f"{record['accuracy'].get('name', 0):.2f}")
+            totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
+            clock = time.perf_counter()
+        if state["recognition_step"] % settings.checkpoint_every == 0 or done:
+            _save_checkpoint(checkpoint, model, optimizer, state)
+    bar.close()
+
+
 def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> dict:
     """Train (or resume) into `out`; returns the final state (step, stage frames, last losses)."""
     from tqdm.auto import tqdm
@@ -131,13 +198,15 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     model = build_model(processor.tokenizer, settings.seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
                                   weight_decay=settings.weight_decay)
-    state = {"step": 0, "stage": 0, "stage_start": 0, "window": []}
+    state = {"recognition_step": 0, "step": 0, "stage": 0, "stage_start": 0, "window": []}
     checkpoint = out / "ckpt" / "last.pt"
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = saved
+    if state["recognition_step"] < settings.recognition_steps:
+        _pretrain_recognition(model, optimizer, processor, settings, state, out, progress)
     log = JsonlLog(out / "train_log.jsonl", key="step")
     # (retrieval answers right, retrieval answers) per step of the current stage.
     window = deque((tuple(pair) for pair in state["window"]), maxlen=settings.window)
@@ -177,7 +246,8 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
                       "lr": learning_rate(settings, step), "retrieval_window_accuracy": accuracy,
                       "accuracy": {t: totals["right"][t] / totals["seen"][t] for t in SUBTASKS if totals["seen"][t]},
                       "s_per_step": seconds / totals["steps"]}
-            log.append(record)
+            if record["step"] not in log:  # a resumed run repeats the steps after its last checkpoint
+                log.append(record)
             bar.set_postfix(frames=frames, loss=f"{record['loss']:.3f}", ret=f"{accuracy:.2f}")
             totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(SUBTASKS, 0), "seen": dict.fromkeys(SUBTASKS, 0)}
             clock = time.perf_counter()

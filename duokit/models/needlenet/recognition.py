@@ -1,0 +1,88 @@
+"""Recognition pre-training: teach NeedleNet's vision tower to name a needle before the language model
+has to find one.
+
+Real VLMs align their vision tower to the language model on captioned images before any video QA (the
+projector stage of LLaVA-style training). NeedleNet's equivalent: one 2-frame group (the vision tower's
+temporal patch) showing a needle — a fruit, landmark or object picture, or a subtitle "The secret word
+is X." — or only haystack, and every merged video token of the group is trained to point at the
+embedding of the needle's answer word (X, "apple", "Eiffel Tower", ...; haystack-only groups at the
+`<|video_pad|>` embedding, a row the language model never reads otherwise). The logits are the
+tokens times the (tied) embedding matrix, so after this stage a video token already *is*, to the
+language model, roughly the word it must answer — what is left for the video QA stage is finding it.
+
+Groups are drawn like the synthesizer draws needles (split "train", procedural haystacks and
+pictures, the subtitle layout of needles.py, the haystack's own noise level), and the needle shows on
+both frames of the group or on one (the other frame is haystack), as uniform sampling shows it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from duokit.data.synth.haystack import add_noise, procedural_frames
+from duokit.data.synth.images import NeedleImages
+from duokit.data.synth.needles import subtitle_patch
+from duokit.data.synth.pools import POOLS
+from duokit.data.synth.splits import split_seed
+from duokit.data.synth.tasks import SUBTITLE
+from duokit.models.needlenet.config import FRAME_SIZE
+
+# What a group shows, and how often: subtitles (learned slowest in the probe, and the needle of three
+# sub-tasks) get the most practice, then the large landmark pool.
+KINDS = {"name": 0.4, "fruit": 0.1, "landmark": 0.25, "object": 0.15, "haystack": 0.1}
+BACKGROUND_TOKEN = "<|video_pad|>"
+LOGIT_SCALE = 8.0  # cosine-similarity temperature; 8 learned fastest of {dot product, separate head, 8}
+
+
+def make_group(seed: int, index: int) -> tuple[np.ndarray, str]:
+    """Group `index` of the stream `seed`: uint8 frames [2, H, W, 3] and the word they show."""
+    rng = np.random.default_rng(split_seed("train", seed, "needlenet-recognition", index))
+    kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
+    haystack_seed = split_seed("train", seed, "needlenet-recognition-haystack", index)
+    frames, noise_level = procedural_frames(haystack_seed, 2, FRAME_SIZE, FRAME_SIZE)
+    if kind == "haystack":
+        return frames, BACKGROUND_TOKEN
+    shown = [[0, 1], [0], [1]][int(rng.integers(3))]  # both frames of the group, or one of them
+    name = str(rng.choice(POOLS[kind]))
+    if kind == "name":
+        painted = frames[shown]  # a copy (fancy indexing): paint it, then put it back
+        subtitle_patch(SUBTITLE.format(name=name), FRAME_SIZE, FRAME_SIZE).apply(painted, rng, noise_level)
+        frames[shown] = painted
+    else:
+        picture = NeedleImages(split="train").pick(kind, name, rng).frame(FRAME_SIZE, FRAME_SIZE)
+        frames[shown] = add_noise(np.broadcast_to(picture, (len(shown), *picture.shape)), rng, noise_level)
+    return frames, name
+
+
+def kind_of(word: str) -> str:
+    """The pool a group's word comes from ("haystack" for the background token)."""
+    return next((pool for pool, names in POOLS.items() if word in names), "haystack")
+
+
+class RecognitionBatches(torch.utils.data.Dataset):
+    """Batch of recognition step `first_step + i`: (patches, grid [groups, 3], word ids, pools)."""
+
+    def __init__(self, builder, seed: int, batch_size: int, first_step: int, steps: int):
+        self.builder, self.seed, self.batch_size = builder, seed, batch_size
+        self.first_step, self.steps = first_step, steps
+
+    def __len__(self) -> int:
+        return self.steps - self.first_step
+
+    def __getitem__(self, i: int):
+        first = (self.first_step + i) * self.batch_size
+        groups = [make_group(self.seed, first + k) for k in range(self.batch_size)]
+        pixels, grid = self.builder.pixels(np.stack([frames for frames, _ in groups]))
+        words = [word for _, word in groups]
+        ids = torch.tensor(self.builder.tokenizer.convert_tokens_to_ids(words))
+        return pixels, torch.tensor([grid] * len(groups)), ids, [kind_of(word) for word in words]
+
+
+def word_logits(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """[groups, tokens per group, vocab]: each merged video token against every word embedding, as
+    cosine similarity times LOGIT_SCALE (plain dot products learned ~2x slower in a measured probe)."""
+    tokens = model.model.visual(pixels, grid_thw=grid).pooler_output
+    tokens = torch.nn.functional.normalize(tokens.reshape(len(grid), -1, tokens.shape[-1]), dim=-1)
+    words = torch.nn.functional.normalize(model.get_input_embeddings().weight, dim=-1)
+    return LOGIT_SCALE * tokens @ words.T
