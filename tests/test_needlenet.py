@@ -12,7 +12,7 @@ import torch
 from duokit.data.synth.pools import NAMES, OBJECTS
 from duokit.data.vnbench import SUBTASKS, official_prompt
 from duokit.models.needlenet.config import ANSWER_PARSER, DUOKIT_FILE, TrainSettings, build_processor
-from duokit.models.needlenet.data import BatchBuilder, make_example, tasks_for
+from duokit.models.needlenet.data import BatchBuilder, make_example, tasks_for, weighted_tasks
 from duokit.models.needlenet.recognition import (
     BACKGROUND_TOKEN,
     KINDS,
@@ -82,6 +82,19 @@ def test_examples_are_reproducible_and_train_eval_splits_differ():
     assert not np.array_equal(first.frames, held_out.frames)
     assert tasks_for(2) == ("ret_edit1", "ret_insert1", "ret_insert2")
     assert tasks_for(32) == SUBTASKS
+
+
+def test_family_weights_repeat_sub_tasks_and_uniform_weights_keep_the_default_stream():
+    assert weighted_tasks(32, (1, 1, 1)) == tasks_for(32)
+    assert weighted_tasks(2, (1, 3, 2)) == tasks_for(2)  # no ordering or counting at 2 frames
+    drawn = Counter(weighted_tasks(32, (1, 3, 2)))
+    assert drawn == {task: {"ret": 1, "ord": 3, "cnt": 2}[task[:3]] for task in SUBTASKS}
+    default = [make_example(0, 16, index).subtask for index in range(20)]
+    assert [make_example(0, 16, index, weighted_tasks(16, (1, 1, 1))).subtask for index in range(20)] == default
+    weighted = Counter(make_example(0, 32, index, weighted_tasks(32, (1, 4, 1))).subtask[:3] for index in range(90))
+    assert weighted["ord"] > 2 * weighted["ret"], weighted
+    with pytest.raises(ValueError, match="family_weights"):
+        TrainSettings(family_weights=(1, 0, 1))
 
 
 def test_answer_correct_needs_every_answer_token():
@@ -194,7 +207,7 @@ def test_shipped_model_beats_chance_on_a_fresh_held_out_set():
     assert accuracy >= RETRIEVAL_FLOOR, scores["subtasks"]
 
 
-RETRIEVAL_FLOOR = 0.2  # mean 4-try of the 3 retrieval sub-tasks; docs/needlenet.md measured 0.43, chance 0.004
+RETRIEVAL_FLOOR = 0.6  # mean 4-try of the 3 retrieval sub-tasks; docs/needlenet.md measured 0.98, chance 0.004
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")

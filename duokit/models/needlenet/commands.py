@@ -21,9 +21,11 @@ def register(subparsers) -> None:
     train.add_argument("--seed", type=int, help="model init and data seed (default 0)")
     train.add_argument("--recognition-steps", type=int,
                        help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
-    train.add_argument("--steps", type=int, help="video QA optimizer steps (default 6000)")
+    train.add_argument("--steps", type=int, help="video QA optimizer steps (default 8000)")
     train.add_argument("--batch-size", type=int, help="examples per step (default 16)")
     train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
+    train.add_argument("--family-weights",
+                       help="draws of each retrieval,ordering,counting sub-task relative to the others (default 1,3,2)")
     train.add_argument("--threads", type=int, help="torch threads of the training process (default 1)")
     train.add_argument("--workers", type=int, help="data worker processes, 0 = none (default 1)")
     train.add_argument("--no-mix-stages", dest="mix_stages", action="store_false", default=None,
@@ -43,6 +45,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         if args.curriculum is not None:
             given["curriculum"] = tuple(int(frames) for frames in args.curriculum.split(","))
+        if args.family_weights is not None:
+            given["family_weights"] = tuple(int(weight) for weight in args.family_weights.split(","))
         result = train(TrainSettings(**given), args.out)
     except ValueError as err:
         print(f"duokit needlenet train: error: {err}", file=sys.stderr)

@@ -33,6 +33,7 @@ GAP_FRAMES = max(1, round(GAP_SECONDS * FPS))  # the synthesizer's gap between t
 # window holds a sampled frame; the official rule samples linspace(0, V - 1, N) (vnbench.md §6).
 STRIDE = (1.5, 3.0)
 RETRIEVAL = tuple(t for t in SUBTASKS if t.startswith("ret_"))
+FAMILIES = ("ret", "ord", "cnt")  # sub-task name prefixes (vnbench.SUBTASKS)
 MOST_NEEDLES = {"ord": 4, "cnt_edit1": 6, "cnt_insert1": 6, "cnt_edit2": 4}  # tasks.py ORDER_ITEMS etc.
 # The probe's first curriculum stage (needlenet-probe.md): 2 frames that both show the needle, so it
 # fills the one temporal patch. Not the uniform rule: the synthesizer's shortest haystack plus an
@@ -70,6 +71,13 @@ def tasks_for(frames: int) -> tuple[str, ...]:
     if frames == NEEDLE_STAGE:
         return RETRIEVAL
     return tuple(t for t in SUBTASKS if haystack_frames(frames, t) is not None)
+
+
+def weighted_tasks(frames: int, family_weights: tuple[int, int, int]) -> tuple[str, ...]:
+    """`tasks_for(frames)` with each sub-task repeated by its family's weight (retrieval, ordering,
+    counting): an example draws uniformly from this tuple. Weights (1, 1, 1) give `tasks_for(frames)`."""
+    weight = dict(zip(FAMILIES, family_weights))
+    return tuple(task for task in tasks_for(frames) for _ in range(weight[task[:3]]))
 
 
 def synth_config(frames: int, subtask: str, seed: int, split: str) -> SynthConfig:

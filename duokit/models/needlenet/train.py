@@ -46,7 +46,7 @@ from duokit.models.needlenet.config import (
     build_model,
     build_processor,
 )
-from duokit.models.needlenet.data import IGNORE, RETRIEVAL, BatchBuilder, make_example
+from duokit.models.needlenet.data import IGNORE, RETRIEVAL, BatchBuilder, make_example, weighted_tasks
 from duokit.models.needlenet.recognition import KINDS, RecognitionBatches, word_logits
 
 
@@ -88,7 +88,8 @@ class StageBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[dict, list[str]]:
         size, step = self.settings.batch_size, self.first_step + i
         frames = step_frames(self.settings, self.stage, step)
-        examples = [make_example(self.settings.seed, frames, step * size + k) for k in range(size)]
+        tasks = weighted_tasks(frames, self.settings.family_weights)
+        examples = [make_example(self.settings.seed, frames, step * size + k, tasks) for k in range(size)]
         return self.builder(examples), [example.subtask for example in examples]
 
 
