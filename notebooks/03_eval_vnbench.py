@@ -70,10 +70,10 @@ runs = default_run_root() / "eval"
 # Evaluate the dense baseline and DuoAttention on the same samples and frames; DuoAttention keeps the
 # full cache in the `1 − SPARSITY` share of KV heads with the highest gates and only the sink + recent
 # window in the rest. What to expect on a CPU: NeedleNet answers the retrieval questions (Ret E, Ret I-1,
-# Ret I-2) almost always right, far above the 1/256 chance of getting all 4 tries right, the counting
-# questions in part and the ordering questions almost never (docs/needlenet.md, "Measured accuracy");
-# DuoAttention at 50% keeps most of that (docs/demo.md). With a few samples per sub-task one sample
-# moves a sub-task by a third.
+# Ret I-2) almost always right, far above the 1/256 chance of getting all 4 tries right, and the ordering
+# and counting questions in part (20-67% per sub-task; docs/needlenet.md, "Measured accuracy");
+# DuoAttention at 50% keeps retrieval and loses most of the ordering (docs/demo.md). With a few
+# samples per sub-task one sample moves a sub-task by a third.
 
 # %%
 from duokit.eval_command import run_eval
