@@ -30,27 +30,6 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "n/a"
 
 
-def heldout_accuracy(model, adapter, method, frames: int, per_task: int, seed: int, parser: str) -> dict:
-    """The scorer JSON on fresh eval-split samples (duokit.models.needlenet.evaluate, any method)."""
-    from tqdm.auto import tqdm
-
-    from duokit.data.scoring import prediction_record, score_predictions
-    from duokit.data.synth.generate import Synthesizer
-    from duokit.data.vnbench import parse_record
-    from duokit.engine import answer_tries
-    from duokit.models.needlenet.data import eval_synth_config, sampled
-
-    synthesizer = Synthesizer(eval_synth_config(frames, per_task, seed))
-    predictions = []
-    with method.apply(model, adapter):
-        for sample in tqdm(synthesizer, total=len(synthesizer), desc=f"eval {method.name}", leave=False):
-            records = [parse_record(raw, i, "held-out") for i, raw in enumerate(sample.records(f"./videos/{sample.sample_id}.mp4"))]
-            video, fps = sampled(sample.frames, sample.fps, frames)
-            result = answer_tries(model, adapter, method, video, fps, [r.prompt for r in records])
-            predictions += [prediction_record(r, a.text, parser) for r, a in zip(records, result.answers)]
-    return score_predictions(predictions)
-
-
 def main() -> None:
     import torch
 
@@ -60,6 +39,7 @@ def main() -> None:
     from duokit.methods.duo.train_plots import plot_accuracy_sparsity
     from duokit.models import load_vlm, resolve_model_path
     from duokit.models.needlenet.config import ANSWER_PARSER, FRAME_SIZE
+    from duokit.models.needlenet.evaluate import heldout_scores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="needlenet")
@@ -84,7 +64,8 @@ def main() -> None:
     print(f"trained gates: mean {summary['gate_mean']:.3f}, min {summary['gate_min']:.3f}\n{np.round(trained, 3)}")
 
     def scores(method) -> dict:
-        full = heldout_accuracy(model, adapter, method, args.frames, args.per_task, args.seed + 1, ANSWER_PARSER)
+        full = heldout_scores(model, adapter, ANSWER_PARSER, args.frames, args.per_task, args.seed + 1,
+                              progress=True, method=method)
         return {"overall": full["overall"], "overall_1try": full["overall_1try"],
                 "families": dict(full["families"])}
 

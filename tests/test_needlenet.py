@@ -211,6 +211,29 @@ RETRIEVAL_FLOOR = 0.6  # mean 4-try of the 3 retrieval sub-tasks; docs/needlenet
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")
+def test_heldout_scores_applies_the_method_it_is_given(tmp_path):
+    from duokit.methods import get_method
+    from duokit.methods.duo.pattern import save_pattern
+    from duokit.models import load_vlm
+    from duokit.models.needlenet.evaluate import heldout_scores
+
+    model, _, adapter = load_vlm("needlenet", device="cpu")
+    pattern = save_pattern(tmp_path, np.linspace(0.1, 0.9, adapter.num_layers * adapter.num_kv_heads)
+                           .reshape(adapter.num_layers, adapter.num_kv_heads), sink_size=1, recent_size=1)
+
+    def scores(method):
+        return heldout_scores(model, adapter, "text", frames=32, per_task=3, seed=9092, tasks=("ret_insert1",),
+                              method=method)
+
+    baseline = scores(None)
+    # Identity: no streaming head reproduces the baseline's every answer.
+    assert scores(get_method("duo", pattern=str(pattern), sparsity=0.0, sink=1, recent=1)) == baseline
+    # Every head sees 2 tokens: the needle is out of reach, so the retrieval answer must change.
+    streaming = scores(get_method("duo", pattern=str(pattern), sparsity=1.0, sink=1, recent=1))
+    assert baseline["overall"] > 0.5 and streaming["overall"] < baseline["overall"]
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")
 def test_duokit_eval_picks_the_text_parser_recorded_with_needlenet(tmp_path):
     from duokit.data.synth.generate import Synthesizer
     from duokit.data.synth.writer import write_synth_set

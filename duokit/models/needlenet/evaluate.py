@@ -14,8 +14,9 @@ from duokit.data.vnbench import SUBTASKS
 
 
 def heldout_scores(model: Any, adapter: Any, parser: str, frames: int, per_task: int, seed: int,
-                   tasks: tuple[str, ...] = SUBTASKS, progress: bool = False) -> dict:
-    """Scorer JSON (duokit.data.scoring.score_predictions) on `per_task` fresh samples per sub-task."""
+                   tasks: tuple[str, ...] = SUBTASKS, progress: bool = False, method: Any = None) -> dict:
+    """Scorer JSON (duokit.data.scoring.score_predictions) on `per_task` fresh samples per sub-task, with
+    `method` (a registered duokit method, e.g. `get_method("duo", ...)`) applied; the dense baseline if None."""
     from tqdm.auto import tqdm
 
     from duokit.data.scoring import prediction_record, score_predictions
@@ -26,10 +27,10 @@ def heldout_scores(model: Any, adapter: Any, parser: str, frames: int, per_task:
     from duokit.models.needlenet.data import eval_synth_config, sampled
 
     synthesizer = Synthesizer(eval_synth_config(frames, per_task, seed, tuple(tasks)))
-    method = get_method("baseline")
+    method = method or get_method("baseline")
     predictions = []
     with method.apply(model, adapter):
-        for sample in tqdm(synthesizer, total=len(synthesizer), desc="held-out", disable=not progress):
+        for sample in tqdm(synthesizer, total=len(synthesizer), desc=f"held-out {method.name}", disable=not progress):
             raws = sample.records(f"./videos/{sample.sample_id}.mp4")
             records = [parse_record(raw, index, "synthetic held-out set") for index, raw in enumerate(raws)]
             video, fps = sampled(sample.frames, sample.fps, frames)
