@@ -114,20 +114,20 @@ def main() -> None:
                  for k, gates in enumerate(patterns)]
         jobs = [(None, deploy, data)] + [(path, deploy, data) for path in paths]
         scores = list(tqdm(pool.map(_score, jobs), total=len(jobs), desc=f"{len(patterns)} patterns + baseline"))
+        baseline, searched = scores[0], scores[1:]
+        order = np.argsort([-s["overall"] for s in searched], kind="stable")
         if args.heldout_seed is not None:
-            ranked = np.argsort([-s["overall"] for s in scores[1:]], kind="stable")[:args.top]
-            heldout_jobs = [None] + [paths[k] for k in ranked] + ([args.pattern] if args.pattern else [])
+            top = order[:args.top]
+            heldout_jobs = [None] + [paths[k] for k in top] + ([args.pattern] if args.pattern else [])
             heldout = list(tqdm(pool.map(_score, [(p, deploy, {**data, "seed": args.heldout_seed})
                                                    for p in heldout_jobs]),
                                 total=len(heldout_jobs), desc=f"held-out seed {args.heldout_seed}"))
-    baseline, searched = scores[0], scores[1:]
-    order = np.argsort([-s["overall"] for s in searched], kind="stable")
     rows = [{"streaming_heads": np.argwhere(patterns[k] == 0).tolist(), **searched[k]} for k in order]
     result = {"settings": vars(args), "layers": layers, "kv_heads": kv_heads, "streaming_heads": streaming,
               "baseline": baseline, "patterns": rows}
     if args.heldout_seed is not None:
         labelled = [("baseline", None)] + [(f"search rank {i + 1}", rows[i]["streaming_heads"])
-                                           for i in range(len(ranked))]
+                                           for i in range(len(top))]
         labelled += [("trained", trained_streaming)] if args.pattern else []
         result["heldout"] = {label: {"streaming_heads": heads, "overall": h["overall"],
                                      "overall_1try": h["overall_1try"], "families": h["families"]}
