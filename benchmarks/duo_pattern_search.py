@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -76,6 +75,7 @@ def plot_search(accuracies: list[float], baseline: float, marks: dict[str, float
 def main() -> None:
     from tqdm.auto import tqdm
 
+    from duokit.io import atomic_write_json
     from duokit.methods.duo.pattern import binarize, load_pattern, save_pattern
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,7 +138,7 @@ def main() -> None:
         result["trained"] = {"pattern": args.pattern, "gates": trained.tolist(),
                              "streaming_heads": trained_streaming, "rank": rank + 1, **rows[rank]}
         marks = {f"trained (rank {rank + 1} of {len(rows)})": rows[rank]["overall"], **marks}
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.json, result)
     plot = Path(args.plot) if args.plot else Path(args.json).with_suffix(".png")
     plot_search([r["overall"] for r in rows], baseline["overall"], marks, args.sparsity, plot)
 

@@ -15,7 +15,6 @@ sink + recent tokens), the scorer's 4-try circular accuracy with NeedleNet's ans
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -33,6 +32,7 @@ def md5(path: Path) -> str:
 def main() -> None:
     import torch
 
+    from duokit.io import atomic_write_json
     from duokit.methods import get_method
     from duokit.methods.duo.pattern import load_pattern, save_pattern
     from duokit.methods.duo.train import TrainSettings, train_gates
@@ -95,7 +95,7 @@ def main() -> None:
                                       for s, rs in results["random"].items()}}
     plot_accuracy_sparsity(curves, results["baseline"]["overall"], Path(args.run) / "plots" / "accuracy_sparsity.png")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
 
 
 if __name__ == "__main__":
