@@ -118,6 +118,31 @@ def test_settings_reject_bad_values_and_schedule_warms_up():
     assert learning_rate(settings, 99) == pytest.approx(settings.lr * settings.final_lr_fraction, rel=0.05)
 
 
+def test_default_heads_are_the_shipped_models_and_variants_train_with_more_kv_heads(tmp_path):
+    from duokit.cli import main
+    from duokit.models import load_vlm
+    from duokit.models.needlenet.config import text_config
+
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        TrainSettings(heads=4, kv_heads=3)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        TrainSettings(heads=64, kv_heads=8)  # head_dim 2 leaves no M-RoPE section for time
+    shipped = json.loads((SHIPPED / "config.json").read_text())["text_config"]
+    default = text_config(TrainSettings())
+    for key in ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers"):
+        assert default[key] == shipped[key], key
+    assert default["rope_parameters"]["mrope_section"] == shipped["rope_parameters"]["mrope_section"]
+    assert text_config(TrainSettings(heads=8, kv_heads=8))["rope_parameters"]["mrope_section"] == [2, 3, 3]
+    code = main(["needlenet", "train", "--out", str(tmp_path), "--heads", "8", "--kv-heads", "8",
+                 "--recognition-steps", "0", "--steps", "2", "--batch-size", "2", "--curriculum", "2",
+                 "--workers", "0"])
+    assert code == 0
+    model, _, adapter = load_vlm(str(tmp_path / "model"), device="cpu", dtype="float32")
+    assert (adapter.num_layers, adapter.num_kv_heads) == (4, 8)
+    assert model.model.language_model.layers[0].self_attn.k_proj.out_features == 8 * 16  # 8 heads of dim 16
+    assert json.loads((tmp_path / "model" / DUOKIT_FILE).read_text())["training"]["kv_heads"] == 8
+
+
 def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     from duokit.models import load_vlm
 
@@ -178,7 +203,7 @@ def test_recognition_stage_trains_only_vision_and_embeddings_lowers_its_loss_and
     # The step-20 checkpoint: only the vision tower and the (tied) word embeddings have learned.
     stopped = torch.load(tmp_path / "resumed" / "ckpt" / "last.pt", weights_only=True)
     assert stopped["recognition_step"] == 20 and stopped["step"] == 0
-    for name, value in build_model(processor.tokenizer, settings.seed).state_dict().items():
+    for name, value in build_model(processor.tokenizer, settings).state_dict().items():
         learns = ".visual." in f".{name}" or "embed_tokens" in name or name == "lm_head.weight"
         assert torch.equal(value, stopped["model"][name]) != learns, name
     train(settings, tmp_path / "resumed", progress=False)

@@ -166,6 +166,6 @@ def test_needlenet_records_the_rule_it_was_trained_with(tmp_path):
     from duokit.models.needlenet.train import save_model
 
     processor = build_processor()
-    saved = save_model(build_model(processor.tokenizer, seed=0), processor, TrainSettings(), tmp_path / "model", {})
+    saved = save_model(build_model(processor.tokenizer, TrainSettings()), processor, TrainSettings(), tmp_path / "model", {})
     assert json.loads((saved / "duokit.json").read_text())["text_after_video"] == "transformers"
     assert load_vlm(str(saved), device="cpu")[2].text_after_video == "transformers"

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     train = actions.add_parser("train", help="train from scratch into --out (re-run the same command to resume)")
     train.add_argument("--out", required=True, help="run directory (the model ends up in OUT/model)")
     train.add_argument("--seed", type=int, help="model init and data seed (default 0)")
+    train.add_argument("--heads", type=int, help="query heads per language-model layer (default 4)")
+    train.add_argument("--kv-heads", type=int,
+                       help="KV heads per layer, a divisor of --heads (default 2); more give DuoAttention more to choose")
     train.add_argument("--recognition-steps", type=int,
                        help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
     train.add_argument("--steps", type=int, help="video QA optimizer steps (default 8000)")
@@ -40,7 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
     from duokit.models.needlenet.config import TrainSettings
     from duokit.models.needlenet.train import train
 
-    keys = ("seed", "recognition_steps", "steps", "batch_size", "threads", "workers", "mix_stages")
+    keys = ("seed", "heads", "kv_heads", "recognition_steps", "steps", "batch_size", "threads", "workers", "mix_stages")
     given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     try:
         if args.curriculum is not None:

@@ -1,7 +1,7 @@
 """NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (needlenet-probe.md "Setup").
 
 The language model has 4 layers of grouped-query attention (4 query / 2 KV heads, head_dim 32) so
-DuoAttention has (layer, KV head) pairs to choose between; the vision tower is 2 blocks of hidden 64.
+DuoAttention has (layer, KV head) pairs to choose between (`--heads/--kv-heads` train variants with more); the vision tower is 2 blocks of hidden 64.
 Frames are 56x56 px: 2x2 merged 14 px patches per 2-frame group, i.e. 2 video tokens per frame, so
 128 frames are 256 video tokens. At 56 px the VNBench subtitle line is set in a ~4 px font (needles.py
 shrinks it to fit the width): legible as a fixed pixel pattern per name, not as text (docs/needlenet.md).
@@ -20,10 +20,8 @@ TEXT_AFTER_VIDEO = "transformers"
 DUOKIT_FILE = "duokit.json"  # duokit's own metadata next to config.json: the answer parser, frames
 
 TEXT_CONFIG = {
-    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-    # head_dim 32: the three M-RoPE sections must add up to head_dim / 2 (transformers.md §6 gotcha).
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
 }
 VISION_CONFIG = {
     "depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128,
@@ -37,6 +35,9 @@ VIDEO_SIZE = {"shortest_edge": FRAME_SIZE * FRAME_SIZE, "longest_edge": FRAME_SI
 @dataclass(frozen=True)
 class TrainSettings:
     seed: int = 0
+    # Query and KV heads per language-model layer; head_dim = hidden 128 / heads (text_config).
+    heads: int = 4
+    kv_heads: int = 2
     # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
     recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
@@ -65,6 +66,10 @@ class TrainSettings:
     log_every: int = 10
 
     def __post_init__(self):
+        if self.heads < 1 or self.kv_heads < 1 or self.heads % self.kv_heads or TEXT_CONFIG["hidden_size"] % (
+                4 * self.heads):
+            raise ValueError(f"heads must be a multiple of kv_heads and divide hidden {TEXT_CONFIG['hidden_size']} "
+                             f"into head_dims that are multiples of 4, got heads={self.heads} kv_heads={self.kv_heads}")
         if self.recognition_steps < 0 or self.recognition_batch_size < 1:
             raise ValueError(f"need recognition_steps >= 0 and recognition_batch_size >= 1, got {self}")
         if self.steps < 1 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
@@ -91,8 +96,19 @@ def build_processor():
         tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
-def build_model(tokenizer, seed: int):
-    """A random-init NeedleNet whose vocabulary and special ids are the tokenizer's."""
+def text_config(settings: TrainSettings) -> dict:
+    """TEXT_CONFIG with the settings' heads and an M-RoPE split of their head_dim."""
+    half = TEXT_CONFIG["hidden_size"] // settings.heads // 2
+    # The three M-RoPE sections (time, height, width) must add up to head_dim / 2 (transformers.md §6
+    # gotcha); Qwen2.5-VL splits its 64 as 16/24/24, i.e. 1/4, 3/8, 3/8 -- [4, 6, 6] at head_dim 32.
+    sections = [half // 4, half * 3 // 8]
+    sections.append(half - sum(sections))
+    return dict(TEXT_CONFIG, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections})
+
+
+def build_model(tokenizer, settings: TrainSettings):
+    """A random-init NeedleNet of the settings' shape whose vocabulary and special ids are the tokenizer's."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -101,9 +117,9 @@ def build_model(tokenizer, seed: int):
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     special = {"bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    config = Qwen2_5_VLConfig(text_config=dict(TEXT_CONFIG, vocab_size=len(tokenizer), **special),
+    config = Qwen2_5_VLConfig(text_config=dict(text_config(settings), vocab_size=len(tokenizer), **special),
                               vision_config=VISION_CONFIG, tie_word_embeddings=True, **ids)
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -196,7 +196,7 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     atomic_write_json(settings_path, settings.to_json())
     torch.set_num_threads(settings.threads)
     processor = build_processor()
-    model = build_model(processor.tokenizer, settings.seed).train()
+    model = build_model(processor.tokenizer, settings).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
                                   weight_decay=settings.weight_decay)
     state = {"recognition_step": 0, "step": 0, "stage": 0, "stage_start": 0, "window": []}
@@ -277,7 +277,7 @@ def export_checkpoint(out: str | Path) -> Path:
     settings = TrainSettings(**{key: tuple(value) if isinstance(value, list) else value for key, value in raw.items()})
     saved = torch.load(checkpoint, weights_only=True)
     processor = build_processor()
-    model = build_model(processor.tokenizer, settings.seed)
+    model = build_model(processor.tokenizer, settings)
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
                       {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]]})
