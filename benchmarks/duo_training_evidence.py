@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=16)
     parser.add_argument("--random-patterns", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-seed", type=int, default=None,
+                        help="seed of the held-out set (default --seed + 1); a finished --run is re-scored, not retrained")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    heldout_seed = args.seed + 1 if args.heldout_seed is None else args.heldout_seed
     torch.set_num_threads(1)
 
     settings = TrainSettings(model=args.model, steps=args.steps, save_every=50, sink=args.sink, recent=args.recent,
@@ -64,7 +67,7 @@ def main() -> None:
     print(f"trained gates: mean {summary['gate_mean']:.3f}, min {summary['gate_min']:.3f}\n{np.round(trained, 3)}")
 
     def scores(method) -> dict:
-        full = heldout_scores(model, adapter, ANSWER_PARSER, args.frames, args.per_task, args.seed + 1,
+        full = heldout_scores(model, adapter, ANSWER_PARSER, args.frames, args.per_task, heldout_seed,
                               progress=True, method=method)
         return {"overall": full["overall"], "overall_1try": full["overall_1try"],
                 "families": dict(full["families"])}
