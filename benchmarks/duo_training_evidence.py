@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from pool_duo_evidence import accuracy_curves, pooled
 
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 
@@ -93,10 +94,8 @@ def main() -> None:
                   f"{results['trained'][sparsity]['overall_1try']:.3f}  random {random_mean['overall']:.3f} / "
                   f"{random_mean['overall_1try']:.3f}  baseline {results['baseline']['overall']:.3f} / "
                   f"{results['baseline']['overall_1try']:.3f}")
-    curves = {"trained gates": {s: r["overall"] for s, r in results["trained"].items()},
-              "random gates (mean)": {s: float(np.mean([r["overall"] for r in rs]))
-                                      for s, rs in results["random"].items()}}
-    plot_accuracy_sparsity(curves, results["baseline"]["overall"], Path(args.run) / "plots" / "accuracy_sparsity.png")
+    one_set = pooled([results])
+    plot_accuracy_sparsity(accuracy_curves(one_set), one_set["baseline"], Path(args.run) / "plots" / "accuracy_sparsity.png")
     if args.json:
         atomic_write_json(args.json, results)
 

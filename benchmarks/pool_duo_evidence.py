@@ -28,6 +28,12 @@ def pooled(results: list[dict]) -> dict:
     }
 
 
+def accuracy_curves(pool: dict) -> dict[str, dict[float, float]]:
+    """`pooled`'s trained and random accuracies as `plot_accuracy_sparsity` curves."""
+    return {"trained gates": {float(s): v for s, v in pool["trained"].items()},
+            "random gates (mean)": {float(s): v for s, v in pool["random"].items()}}
+
+
 def main() -> None:
     from duokit.methods.duo.train_plots import plot_accuracy_sparsity
 
@@ -51,9 +57,7 @@ def main() -> None:
               f"({100 * (pool['trained'][s] - pool['baseline']):+.1f} points)  random {pool['random'][s]:.3f} "
               f"({100 * (pool['random'][s] - pool['baseline']):+.1f})")
     if args.plot:
-        curves = {"trained gates": {float(s): v for s, v in pool["trained"].items()},
-                  "random gates (mean)": {float(s): v for s, v in pool["random"].items()}}
-        print(plot_accuracy_sparsity(curves, pool["baseline"], Path(args.plot)))
+        print(plot_accuracy_sparsity(accuracy_curves(pool), pool["baseline"], Path(args.plot)))
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def test_needlenet_records_the_rule_it_was_trained_with(tmp_path):
     from duokit.models.needlenet.train import save_model
 
     processor = build_processor()
-    saved = save_model(build_model(processor.tokenizer, TrainSettings()), processor, TrainSettings(), tmp_path / "model", {})
+    settings = TrainSettings()
+    saved = save_model(build_model(processor.tokenizer, settings), processor, settings, tmp_path / "model", {})
     assert json.loads((saved / "duokit.json").read_text())["text_after_video"] == "transformers"
     assert load_vlm(str(saved), device="cpu")[2].text_after_video == "transformers"

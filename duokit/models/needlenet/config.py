@@ -1,7 +1,8 @@
 """NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (needlenet-probe.md "Setup").
 
 The language model has 4 layers of grouped-query attention (4 query / 2 KV heads, head_dim 32) so
-DuoAttention has (layer, KV head) pairs to choose between (`--heads/--kv-heads` train variants with more); the vision tower is 2 blocks of hidden 64.
+DuoAttention has (layer, KV head) pairs to choose between (`--heads/--kv-heads` train variants with more);
+the vision tower is 2 blocks of hidden 64.
 Frames are 56x56 px: 2x2 merged 14 px patches per 2-frame group, i.e. 2 video tokens per frame, so
 128 frames are 256 video tokens. At 56 px the VNBench subtitle line is set in a ~4 px font (needles.py
 shrinks it to fit the width): legible as a fixed pixel pattern per name, not as text (docs/needlenet.md).
