@@ -121,7 +121,8 @@ def save_model(model, processor, settings: TrainSettings, path: Path, extra: dic
         atomic_write_json(tmp / DUOKIT_FILE, {
             "name": "needlenet", "answer_parser": ANSWER_PARSER, "text_after_video": TEXT_AFTER_VIDEO,
             "frames": EVAL_FRAMES,
-            "frame_size": [FRAME_SIZE, FRAME_SIZE], "training": settings.to_json(), **extra})
+            "frame_size": [FRAME_SIZE, FRAME_SIZE], "frame_fit": [FRAME_SIZE, FRAME_SIZE],
+            "training": settings.to_json(), **extra})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
