@@ -49,8 +49,10 @@ class TrainSettings:
     heads: int = 8
     kv_heads: int = 8
     # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
-    recognition_steps: int = 2000
-    recognition_batch_size: int = 64  # 2-frame groups per step (128 before frames of several sizes cost more)
+    # 3,000 (2,000 before): at 64 groups x 2,000 steps the subtitle names at five source sizes stayed at
+    # 3.5% train accuracy after 1,230 steps (docs/needlenet.md "What failed").
+    recognition_steps: int = 3000
+    recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
     steps: int = 6500  # 8000 before the sizes; cut to fit one sitting on a shared 2-core machine
     batch_size: int = 16

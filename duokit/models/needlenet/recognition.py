@@ -34,8 +34,8 @@ from duokit.models.needlenet.config import FRAME_SIZE, SOURCE_SIZES
 from duokit.models.needlenet.data import upscaled
 
 # What a group shows, and how often: subtitles (learned slowest in the probe, and the needle of three
-# sub-tasks) get the most practice, then the large landmark pool.
-KINDS = {"name": 0.4, "fruit": 0.1, "landmark": 0.25, "object": 0.15, "haystack": 0.1}
+# sub-tasks; 26 names at five source sizes) get the most practice, then the large landmark pool.
+KINDS = {"name": 0.5, "fruit": 0.08, "landmark": 0.22, "object": 0.12, "haystack": 0.08}
 BACKGROUND_TOKEN = "<|video_pad|>"
 LOGIT_SCALE = 8.0  # cosine-similarity temperature; 8 learned fastest of {dot product, separate head, 8}
 # 2-frame haystacks, each drawn once per process and shared by every BACKGROUNDS-th group (with its own
