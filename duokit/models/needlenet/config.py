@@ -54,7 +54,7 @@ class TrainSettings:
     recognition_steps: int = 3000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
-    steps: int = 6500  # 8000 before the sizes; cut to fit one sitting on a shared 2-core machine
+    steps: int = 4500  # 8000 in v1; cut to fit one sitting on a 2-core machine shared with other jobs
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
     curriculum: tuple[int, ...] = (2, 4, 8, 16, 32)
