@@ -219,7 +219,7 @@ def test_shipped_model_beats_chance_on_a_fresh_held_out_set():
     from duokit.models.needlenet.evaluate import heldout_scores
 
     meta = json.loads((SHIPPED / DUOKIT_FILE).read_text())
-    assert meta["answer_parser"] == "text"
+    assert meta["answer_parser"] == "text" and meta["frame_fit"] == [56, 56]  # every video resized to 56x56
     total = sum(f.stat().st_size for f in SHIPPED.iterdir())
     assert total <= 25 * 2**20
     model, _, adapter = load_vlm("needlenet", device="cpu")
@@ -230,6 +230,32 @@ def test_shipped_model_beats_chance_on_a_fresh_held_out_set():
                             tasks=retrieval)
     accuracy = np.mean([scores["subtasks"][task]["accuracy"] for task in retrieval])
     assert accuracy >= RETRIEVAL_FLOOR, scores["subtasks"]
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")
+def test_every_frame_size_reaches_needlenet_as_the_56_px_frames_it_was_trained_on(tmp_path):
+    import shutil
+
+    from duokit.data.resize import resize_frames
+    from duokit.models import load_vlm
+
+    _, _, adapter = load_vlm("needlenet", device="cpu")
+    assert adapter.frame_fit == (56, 56)
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, size=(8, 120, 160, 3), dtype=np.uint8)  # 4:3, as `duokit synth --size 160x120`
+    fitted = adapter.build_prefix(video, 2.0)
+    reference = adapter.build_prefix(resize_frames(video, 56, 56), 2.0)
+    assert fitted["video_grid_thw"].tolist() == [[4, 4, 4]]  # 2 video tokens per frame, as in training
+    assert torch.equal(fitted["pixel_values_videos"], reference["pixel_values_videos"])
+    assert torch.equal(fitted["input_ids"], reference["input_ids"])
+    adapter.frame_fit = None  # the processor's own resize keeps the aspect: 28x56, 1 token per frame
+    assert adapter.build_prefix(video, 2.0)["video_grid_thw"].tolist() == [[4, 2, 4]]
+    broken = tmp_path / "needlenet"
+    shutil.copytree(SHIPPED, broken)
+    meta = json.loads((broken / DUOKIT_FILE).read_text())
+    (broken / DUOKIT_FILE).write_text(json.dumps(dict(meta, frame_fit=56)))
+    with pytest.raises(ValueError, match="duokit.json: frame_fit must be \\[width, height\\]"):
+        load_vlm(str(broken), device="cpu")
 
 
 RETRIEVAL_FLOOR = 0.6  # mean 4-try of the 3 retrieval sub-tasks; docs/needlenet.md measured 0.98, chance 0.004

@@ -1,12 +1,11 @@
 """NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (needlenet-probe.md "Setup").
 
-The language model has 4 layers of 8 query / 8 KV heads (head_dim 16), so DuoAttention has 32
-(layer, KV head) pairs to choose between (`--heads/--kv-heads` train other shapes);
+The language model has 4 layers of grouped-query attention (4 query / 2 KV heads, head_dim 32) so
+DuoAttention has (layer, KV head) pairs to choose between (`--heads/--kv-heads` train variants with more);
 the vision tower is 2 blocks of hidden 64.
-Frames are 56x56 px (any other size is resized to it, SOURCE_SIZES): 2x2 merged 14 px patches per
-2-frame group, i.e. 2 video tokens per frame, so 128 frames are 256 video tokens. After the resize the
-VNBench subtitle line is ~3-4 px high: legible as a fixed pixel pattern per name, not as text
-(docs/needlenet.md).
+Frames are 56x56 px: 2x2 merged 14 px patches per 2-frame group, i.e. 2 video tokens per frame, so
+128 frames are 256 video tokens. At 56 px the VNBench subtitle line is set in a ~4 px font (needles.py
+shrinks it to fit the width): legible as a fixed pixel pattern per name, not as text (docs/needlenet.md).
 """
 
 from __future__ import annotations
@@ -14,12 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 FRAME_SIZE = 56  # px, square; a multiple of patch 14 x merge 2
-# Every frame reaches the model resized to FRAME_SIZE x FRAME_SIZE, aspect not kept (duokit/data/resize.py):
-# in training after drawing the video at one of SOURCE_SIZES, at inference through duokit.json "frame_fit".
-# Sizes (width, height): square, and 4:3 and 16:9 (the shapes `duokit synth` writes) each at a small and
-# a larger height, so the subtitle font (6% of the height, needles.py) is drawn at 3-7 px before the
-# resize. Kept <= 160x120: every frame of a training video is scaled to this size to draw its needles.
-SOURCE_SIZES = ((56, 56), (80, 60), (160, 120), (96, 54), (160, 90))
 EVAL_FRAMES = 32  # frames the shipped model is evaluated with (docs/needlenet.md)
 ANSWER_PARSER = "text"  # answers name the option's text (duokit/data/scoring.py parser "text")
 # NeedleNet trains on `get_rope_index`'s positions (transformers 5.23, data.BatchBuilder through the model's
@@ -36,7 +29,7 @@ VISION_CONFIG = {
     "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "tokens_per_second": 2,
     "window_size": 112, "fullatt_block_indexes": [1],
 }
-# The processor keeps frames at FRAME_SIZE x FRAME_SIZE (frames arrive at that size, see SOURCE_SIZES).
+# The processor keeps frames at FRAME_SIZE x FRAME_SIZE (a square frame of another size is resized to it).
 VIDEO_SIZE = {"shortest_edge": FRAME_SIZE * FRAME_SIZE, "longest_edge": FRAME_SIZE * FRAME_SIZE}
 
 
@@ -44,17 +37,13 @@ VIDEO_SIZE = {"shortest_edge": FRAME_SIZE * FRAME_SIZE, "longest_edge": FRAME_SI
 class TrainSettings:
     seed: int = 0
     # Query and KV heads per language-model layer; head_dim = hidden 128 / heads (text_config).
-    # 8 / 8: 32 (layer, KV head) pairs, enough for a 50% DuoAttention pattern to mean something
-    # (docs/duo_training.md measured this shape within 0.7 points of dense at 50% streaming).
-    heads: int = 8
-    kv_heads: int = 8
+    heads: int = 4
+    kv_heads: int = 2
     # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
-    # 3,000 (2,000 before): at 64 groups x 2,000 steps the subtitle names at five source sizes stayed at
-    # 3.5% train accuracy after 1,230 steps (docs/needlenet.md "What failed").
-    recognition_steps: int = 3000
+    recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
-    steps: int = 4500  # 8000 in v1; cut to fit one sitting on a 2-core machine shared with other jobs
+    steps: int = 8000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
     curriculum: tuple[int, ...] = (2, 4, 8, 16, 32)
@@ -73,9 +62,7 @@ class TrainSettings:
     final_lr_fraction: float = 0.05
     clip_norm: float = 1.0
     threads: int = 1  # torch threads of the training process; the data worker adds one process
-    # data processes (0: build batches in the training process); 2 because drawing videos at SOURCE_SIZES
-    # costs ~3x the 56x56 ones, more than one process keeps up with
-    workers: int = 2
+    workers: int = 1  # data processes (0: build batches in the training process)
     checkpoint_every: int = 100
     log_every: int = 10
 

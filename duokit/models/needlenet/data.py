@@ -7,30 +7,24 @@ the target answer. Examples are a pure function of (seed, frames, index): traini
 reproducible without storing data.
 
 Video length: a needle lasts NEEDLE_SECONDS (1.5 s = 3 frames at 2 fps); the haystack is sized so that
-the stride between sampled frames is 0.5-2.5 video frames (inserted pictures included), so every needle
-shows in at least one sampled frame, and in up to six when sampling is dense (many frames of a short
-video). An eval set built with `eval_synth_config(frames)` uses strides of 1.5-3 (docs/needlenet.md).
-
-Frame size: each example's needles are drawn at one of SOURCE_SIZES (square, 4:3, 16:9), on a
-haystack drawn at 56x56 and scaled to that size, and the sampled frames are resized to 56x56
-(duokit/data/resize.py), exactly as the shipped model's duokit.json "frame_fit" resizes every video
-at inference.
+the stride between sampled frames is 1.5-3 video frames (inserted pictures included), so every needle
+shows in at least one sampled frame. An eval set built with `eval_synth_config(frames)` has the same
+property (docs/needlenet.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cache, lru_cache
+from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
 
-from duokit.data.resize import resize_frames
 from duokit.data.synth.generate import GAP_SECONDS, SynthConfig, Synthesizer
 from duokit.data.synth.splits import split_seed
 from duokit.data.video import NEEDLE_SECONDS, uniform_indices
 from duokit.data.vnbench import SUBTASKS, official_prompt
-from duokit.models.needlenet.config import FRAME_SIZE, SOURCE_SIZES
+from duokit.models.needlenet.config import FRAME_SIZE
 
 FPS = 2.0  # haystack frame rate: a 1.5 s needle spans 3 frames
 NEEDLE_FRAMES = round(NEEDLE_SECONDS * FPS)
@@ -38,10 +32,6 @@ GAP_FRAMES = max(1, round(GAP_SECONDS * FPS))  # the synthesizer's gap between t
 # Video frames between two uniformly sampled frames, (min, max): at most NEEDLE_FRAMES, so every needle
 # window holds a sampled frame; the official rule samples linspace(0, V - 1, N) (vnbench.md §6).
 STRIDE = (1.5, 3.0)
-# Training reaches down to 0.5 (0.25 s): `duokit synth`'s default 30 s sampled to 64 frames is a stride of
-# 0.47 s and a 12 s video at 32 frames 0.39 s, where one needle shows on several sampled frames; and up
-# to 2.5 only, to draw fewer frames.
-TRAIN_STRIDE = (0.5, 2.5)
 RETRIEVAL = tuple(t for t in SUBTASKS if t.startswith("ret_"))
 FAMILIES = ("ret", "ord", "cnt")  # sub-task name prefixes (vnbench.SUBTASKS)
 MOST_NEEDLES = {"ord": 4, "cnt_edit1": 6, "cnt_insert1": 6, "cnt_edit2": 4}  # tasks.py ORDER_ITEMS etc.
@@ -69,9 +59,9 @@ def needed_frames(subtask: str) -> int:
     return count * NEEDLE_FRAMES + (count - 1) * GAP_FRAMES
 
 
-def haystack_frames(frames: int, subtask: str, strides: tuple[float, float] = STRIDE) -> tuple[int, int] | None:
+def haystack_frames(frames: int, subtask: str) -> tuple[int, int] | None:
     """(min, max) haystack frames for which `frames` sampled frames see every needle; None if none does."""
-    low, high = (round(stride * (frames - 1)) + 1 - inserted_frames(subtask) for stride in strides)
+    low, high = (round(stride * (frames - 1)) + 1 - inserted_frames(subtask) for stride in STRIDE)
     low = max(low, needed_frames(subtask))
     return (low, high) if low <= high else None
 
@@ -91,7 +81,7 @@ def weighted_tasks(frames: int, family_weights: tuple[int, int, int]) -> tuple[s
 
 
 def synth_config(frames: int, subtask: str, seed: int, split: str) -> SynthConfig:
-    low, high = haystack_frames(max(frames, 2 * NEEDLE_STAGE), subtask, TRAIN_STRIDE)
+    low, high = haystack_frames(max(frames, 2 * NEEDLE_STAGE), subtask)
     return SynthConfig(tasks=(subtask,), per_task=1, seconds=(low / FPS, high / FPS), fps=FPS,
                        size=(FRAME_SIZE, FRAME_SIZE), seed=seed, split=split)
 
@@ -116,7 +106,6 @@ class Example:
     prompt: str  # the official prompt of one try
     answer: str  # the gt option's text
     options: tuple[str, ...]
-    source_size: tuple[int, int]  # (width, height) the video was drawn at, before the resize to 56x56
 
 
 def sampled(frames: np.ndarray, fps: float, count: int) -> tuple[np.ndarray, float]:
@@ -127,49 +116,20 @@ def sampled(frames: np.ndarray, fps: float, count: int) -> tuple[np.ndarray, flo
     return frames[indices], sampled_fps(indices / fps, fps)
 
 
-def upscaled(frames: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Frames [T, h, w, 3] scaled up to [T, height, width, 3] by repeating pixels (nearest): 10x cheaper
-    than a bilinear resize, for a haystack that is averaged back down to 56x56 after the needles are on."""
-    rows = np.arange(height) * frames.shape[1] // height
-    columns = np.arange(width) * frames.shape[2] // width
-    return frames[:, rows][:, :, columns]
-
-
 @cache
 def _synthesizer(frames: int, subtask: str, seed: int, split: str) -> Synthesizer:
     return Synthesizer(synth_config(frames, subtask, seed, split))
 
 
-# Haystacks per (frames, sub-task, seed, split), each drawn once per process and shared by every
-# BACKGROUNDS-th example (with its own needles): drawing a haystack was most of an example's cost, and a
-# training run on a shared 2-core machine was data-bound. ~0.3 GB per data process at 32 frames.
-BACKGROUNDS = 128
-
-
-@lru_cache(maxsize=len(SUBTASKS) * BACKGROUNDS)
-def _background(frames: int, subtask: str, seed: int, split: str, slot: int):
-    haystack = _synthesizer(frames, subtask, seed, split).haystack(frames * 10**7 + slot)
-    haystack.frames.setflags(write=False)  # shared: a needle painted in place would leak into other examples
-    return haystack
-
-
 def make_example(seed: int, frames: int, index: int, tasks: tuple[str, ...] | None = None,
                  split: str = "train") -> Example:
-    """Example `index` of the stream (seed, frames): a random sub-task of `tasks`, a random source size,
-    a random try; frames resized to FRAME_SIZE x FRAME_SIZE."""
+    """Example `index` of the stream (seed, frames): a random sub-task of `tasks`, a random try."""
     tasks = tasks or tasks_for(frames)
     rng = np.random.default_rng(split_seed(split, seed, "needlenet-example", frames, index))
     subtask = tasks[int(rng.integers(len(tasks)))]
-    size = SOURCE_SIZES[int(rng.integers(len(SOURCE_SIZES)))]
     synthesizer = _synthesizer(frames, subtask, seed, split)
-    # The haystack id carries the index, so every example of every stage has its own needle seed (the
-    # synthesizer seeds needles by haystack id) on one of BACKGROUNDS shared haystacks. The haystack is
-    # drawn at 56x56 and scaled to the source size (drawing it there costs up to 6x as much, and it is
-    # scaled back to 56x56 anyway); the needles are drawn at the source size, as in a video.
-    background = _background(frames, subtask, seed, split, index % BACKGROUNDS)
-    haystack = replace(background, haystack_id=f"{background.haystack_id}-{index}",
-                       frames=upscaled(background.frames, *size))
-    sample = synthesizer.build(haystack, subtask)
+    # Haystack ids carry (frames, index), so every example of every stage has its own haystack seed.
+    sample = synthesizer.build(synthesizer.haystack(frames * 10**7 + index), subtask)
     record = sample.records("")[int(rng.integers(4))]
     options = tuple(str(option) for option in record["options"])
     if frames == NEEDLE_STAGE:
@@ -178,9 +138,7 @@ def make_example(seed: int, frames: int, index: int, tasks: tuple[str, ...] | No
         video, fps = sample.frames[first:first + 2], sample.fps
     else:
         video, fps = sampled(sample.frames, sample.fps, frames)
-    video = resize_frames(video, FRAME_SIZE, FRAME_SIZE)
-    return Example(subtask, video, fps, official_prompt(record["question"], options), str(record["gt"]), options,
-                   size)
+    return Example(subtask, video, fps, official_prompt(record["question"], options), str(record["gt"]), options)
 
 
 class BatchBuilder:

@@ -11,67 +11,48 @@ tokens times the (tied) embedding matrix, so after this stage a video token alre
 language model, roughly the word it must answer — what is left for the video QA stage is finding it.
 
 Groups are drawn like the synthesizer draws needles (split "train", procedural haystacks and
-pictures, the subtitle layout of needles.py, the haystack's own noise level) at one of SOURCE_SIZES,
-then resized to 56x56 as the video QA data and inference resize them (duokit/data/resize.py); the needle
-shows on both frames of the group or on one (the other frame is haystack), as uniform sampling shows it.
+pictures, the subtitle layout of needles.py, the haystack's own noise level), and the needle shows on
+both frames of the group or on one (the other frame is haystack), as uniform sampling shows it.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
-from duokit.data.resize import resize_frames
 from duokit.data.synth.haystack import add_noise, procedural_frames
 from duokit.data.synth.images import NeedleImages
 from duokit.data.synth.needles import subtitle_patch
 from duokit.data.synth.pools import POOLS
 from duokit.data.synth.splits import split_seed
 from duokit.data.synth.tasks import SUBTITLE
-from duokit.models.needlenet.config import FRAME_SIZE, SOURCE_SIZES
-from duokit.models.needlenet.data import upscaled
+from duokit.models.needlenet.config import FRAME_SIZE
 
 # What a group shows, and how often: subtitles (learned slowest in the probe, and the needle of three
-# sub-tasks; 26 names at five source sizes) get the most practice, then the large landmark pool.
-KINDS = {"name": 0.5, "fruit": 0.08, "landmark": 0.22, "object": 0.12, "haystack": 0.08}
+# sub-tasks) get the most practice, then the large landmark pool.
+KINDS = {"name": 0.4, "fruit": 0.1, "landmark": 0.25, "object": 0.15, "haystack": 0.1}
 BACKGROUND_TOKEN = "<|video_pad|>"
 LOGIT_SCALE = 8.0  # cosine-similarity temperature; 8 learned fastest of {dot product, separate head, 8}
-# 2-frame haystacks, each drawn once per process and shared by every BACKGROUNDS-th group (with its own
-# needle): drawing them was most of a group's cost (~75 MB per data process).
-BACKGROUNDS = 4096
-
-
-@lru_cache(maxsize=BACKGROUNDS)
-def _background(seed: int, slot: int) -> tuple[np.ndarray, int]:
-    frames, noise_level = procedural_frames(split_seed("train", seed, "needlenet-recognition-haystack", slot), 2,
-                                            FRAME_SIZE, FRAME_SIZE)
-    frames.setflags(write=False)
-    return frames, noise_level
 
 
 def make_group(seed: int, index: int) -> tuple[np.ndarray, str]:
-    """Group `index` of the stream `seed`: uint8 frames [2, 56, 56, 3] and the word they show."""
+    """Group `index` of the stream `seed`: uint8 frames [2, H, W, 3] and the word they show."""
     rng = np.random.default_rng(split_seed("train", seed, "needlenet-recognition", index))
     kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
-    width, height = SOURCE_SIZES[int(rng.integers(len(SOURCE_SIZES)))]
-    frames, noise_level = _background(seed, index % BACKGROUNDS)
+    haystack_seed = split_seed("train", seed, "needlenet-recognition-haystack", index)
+    frames, noise_level = procedural_frames(haystack_seed, 2, FRAME_SIZE, FRAME_SIZE)
     if kind == "haystack":
-        return frames.copy(), BACKGROUND_TOKEN
-    # The haystack is drawn at 56x56 and scaled up to the source size (drawing it there costs up to 6x as
-    # much, and it is scaled back to 56x56 anyway); the needle is drawn at the source size, as in a video.
-    frames = upscaled(frames, width, height)
+        return frames, BACKGROUND_TOKEN
     shown = [[0, 1], [0], [1]][int(rng.integers(3))]  # both frames of the group, or one of them
     name = str(rng.choice(POOLS[kind]))
     if kind == "name":
         painted = frames[shown]  # a copy (fancy indexing): paint it, then put it back
-        subtitle_patch(SUBTITLE.format(name=name), height, width).apply(painted, rng, noise_level)
+        subtitle_patch(SUBTITLE.format(name=name), FRAME_SIZE, FRAME_SIZE).apply(painted, rng, noise_level)
         frames[shown] = painted
     else:
-        picture = NeedleImages(split="train").pick(kind, name, rng).frame(height, width)
+        picture = NeedleImages(split="train").pick(kind, name, rng).frame(FRAME_SIZE, FRAME_SIZE)
         frames[shown] = add_noise(np.broadcast_to(picture, (len(shown), *picture.shape)), rng, noise_level)
-    return resize_frames(frames, FRAME_SIZE, FRAME_SIZE), name
+    return frames, name
 
 
 def kind_of(word: str) -> str:
