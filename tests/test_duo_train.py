@@ -43,7 +43,7 @@ from duokit.methods.duo.train import (
     step_loss,
     train_gates,
 )
-from duokit.methods.duo.train_data import NATO, PasskeyData, VideoNeedleData
+from duokit.methods.duo.train_data import BUFFER_TOKENS, NATO, PasskeyData, VideoNeedleData
 from duokit.models import load_vlm
 
 SINK, RECENT = 4, 8
@@ -282,8 +282,8 @@ def test_wrong_gate_shape_and_variant_are_refused(qwen):
 def test_passkey_recipe_on_a_local_text(tmp_path):
     _, _, adapter = load_vlm("tiny:llama", dtype=torch.float32, device="cpu")
     text = tmp_path / "book.txt"
-    text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 40)
-    data = PasskeyData(adapter, text, context_min=300, context_max=800, num_passkeys=3, passkey_words=4)
+    text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 160)  # 9,440 byte tokens
+    data = PasskeyData(adapter, text, context_min=300, context_max=2000, num_passkeys=3, passkey_words=4)
     for index in (0, 7):
         example = data.example(index)
         decoded = adapter.tokenizer.decode(example.input_ids[0])  # byte-level: one token per byte
@@ -293,10 +293,24 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
         assert [ordinal for ordinal, _ in hidden] == ["1st", "2nd", "3rd"]
         assert all(len(a.split()) == 4 and set(a.split()) <= set(NATO) for a in answers)
         assert adapter.tokenizer.decode(example.input_ids[0][example.answer_mask]) == "".join(answers)
-        assert decoded.startswith("<|im_start|> This is a very long story book: <book> ")
+        assert decoded.startswith("<|im_start|> This is a very long story book: <book> ")  # no BOS: none exists
         assert example.position_ids.shape == (1, example.num_tokens) and example.model_kwargs == {}
     lengths = {data.example(i).num_tokens for i in range(3)}
     assert len(lengths) == 3  # a different context length of the grid each step
+    # The official budget: the haystack is trimmed so that no sequence exceeds context_max - 300 ...
+    assert max(data.example(i).num_tokens for i in range(50)) <= 2000 - BUFFER_TOKENS
+    with pytest.raises(ValueError, match="leaves .* haystack tokens.*raise --context-max"):
+        PasskeyData(adapter, text, context_min=300, context_max=1000, num_passkeys=3, passkey_words=4)
+    # ... and the opening text is encoded with the tokenizer's special tokens, as the official loader does:
+    # a tokenizer that adds a BOS puts it first, once.
+    from tokenizers.processors import TemplateProcessing
+
+    bos = adapter.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    adapter.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    with_bos = PasskeyData(adapter, text, context_min=300, context_max=2000, num_passkeys=3, passkey_words=4).example(0)
+    assert with_bos.input_ids[0, 0] == bos and (with_bos.input_ids[0] == bos).sum() == 1
+    assert torch.equal(with_bos.input_ids[0, 1:], data.example(0).input_ids[0])
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(ValueError, match="short.txt"):
@@ -305,7 +319,7 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
         PasskeyData(adapter, tmp_path / "missing.txt")
     # the trainer on a text LM: two steps of the official recipe (10 passkeys of 32 words)
     summary = train_gates(TrainSettings(model="tiny:llama", steps=2, save_every=1, sink=SINK, recent=16,
-                                        text_file=str(text), context_min=300, context_max=800, progress=False),
+                                        text_file=str(text), context_min=300, context_max=8000, progress=False),
                           tmp_path / "run")
     config = json.loads((tmp_path / "run" / "pattern" / "config.json").read_text())
     assert config["dataset_format"] == "multiple_passkey" and config["steps_done"] == 2

@@ -124,10 +124,18 @@ CONTEXT_OPEN = "<|im_start|> This is a very long story book: <book> "
 CONTEXT_CLOSE = " </book>.\n\n"
 NEEDLE = "\n\nRemeber this sequence of words, it's the {} passkey to the vault: {}\n\n"
 QUESTION = "Based on the content of the book, what is the {} passkey to the vault?\nPasskey: "
+# Tokens kept free below --context-max: the official loader trims the haystack to context_max - 300 - the
+# prompt, needles and questions (duo_attn/data.py, `buffer_size`), so no sequence exceeds context_max.
+BUFFER_TOKENS = 300
 
 
 class PasskeyData:
-    """The official multi-passkey retrieval samples over a user-supplied haystack text."""
+    """The official multi-passkey retrieval samples over a user-supplied haystack text.
+
+    As the official loader encodes them: the opening text with the tokenizer's special tokens (BOS for
+    Llama-family tokenizers, nothing for Qwen's), everything else without; the haystack trimmed once so
+    that haystack + opening + needles + questions + answers + BUFFER_TOKENS fit in `context_max`.
+    """
 
     def __init__(self, adapter: Any, text_file: str | Path, context_min: int = 1000, context_max: int = 32000,
                  num_passkeys: int = NUM_PASSKEYS, passkey_words: int = PASSKEY_WORDS, seed: int = 0):
@@ -145,6 +153,19 @@ class PasskeyData:
                              "pass a longer text or a smaller --context-max")
         self.lengths = np.linspace(context_min, context_max, CONTEXT_INTERVALS).astype(int)
         self.depths = np.linspace(*DEPTH_RANGE, DEPTH_INTERVALS)
+        self.open_tokens = tokenizer(CONTEXT_OPEN, add_special_tokens=True)["input_ids"]
+        # The rest of a sequence at its longest: every needle and question with a passkey of the
+        # longest-tokenizing words (the official loader counts one random passkey).
+        word = max(len(self._tokens(" " + word)) for word in NATO)
+        passkey = " ".join([max(NATO, key=lambda w: len(self._tokens(" " + w)))] * passkey_words)
+        rest = len(self.open_tokens) + len(self._tokens(CONTEXT_CLOSE)) + sum(
+            len(self._tokens(NEEDLE.format(ordinal(k + 1), passkey))) + len(self._tokens(QUESTION.format(ordinal(k + 1))))
+            + word * passkey_words + len(self._tokens("\n\n")) for k in range(num_passkeys))
+        if context_max - BUFFER_TOKENS - rest < context_min:
+            raise ValueError(f"--context-max {context_max} leaves {context_max - BUFFER_TOKENS - rest} haystack tokens "
+                             f"after the prompt, {num_passkeys} needles and questions ({rest} tokens) and the "
+                             f"{BUFFER_TOKENS}-token buffer, fewer than --context-min {context_min}; raise --context-max")
+        self.haystack = self.haystack[:context_max - BUFFER_TOKENS - rest]
 
     def _tokens(self, text: str) -> list[int]:
         return self.adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -156,13 +177,14 @@ class PasskeyData:
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
         passkeys = [" ".join(rng.choice(NATO, self.passkey_words)) for _ in range(self.num_passkeys)]
         depths = np.sort(rng.choice(self.depths, self.num_passkeys, replace=False))
+        haystack = self.haystack[:length]
         context, start = [], 0
         for k, (depth, passkey) in enumerate(zip(depths, passkeys)):
-            cut = int(depth * length)
-            context += self.haystack[start:cut] + self._tokens(NEEDLE.format(ordinal(k + 1), passkey))
+            cut = int(depth * len(haystack))
+            context += haystack[start:cut] + self._tokens(NEEDLE.format(ordinal(k + 1), passkey))
             start = cut
-        context += self.haystack[start:length]
-        pieces = [(self._tokens(CONTEXT_OPEN) + context + self._tokens(CONTEXT_CLOSE), False)]
+        context += haystack[start:]
+        pieces = [(self.open_tokens + context + self._tokens(CONTEXT_CLOSE), False)]
         for k, passkey in enumerate(passkeys):
             pieces += [(self._tokens(QUESTION.format(ordinal(k + 1))), False), (self._tokens(passkey), True),
                        (self._tokens("\n\n"), False)]
