@@ -8,24 +8,16 @@ own code: one past the video's largest position) or "transformers" (`get_rope_in
 5.3-5.23 as is); docs/architecture.md, "M-RoPE positions". A try's suffix and its generated tokens
 continue after the prefix's last (text) position, as `generate` continues its position ids. Qwen3-VL
 also adds deepstack features to the video tokens' hidden states in its first decoder layers; they are
-kept in `Prefix.layer_inputs` and sliced per prefill chunk.
+kept in `Prefix.layer_inputs` (one row per video token) and sliced per prefill chunk.
 """
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any
 
 import torch
 
-from duokit.models.base import Adapter, Prefix
-
-
-def mask_runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """(start, end, value) of each run of equal values of a 1-D bool tensor, in order."""
-    changes = ((mask[1:] != mask[:-1]).nonzero()[:, 0] + 1).tolist()
-    bounds = [0, *changes, len(mask)]
-    return [(start, end, bool(mask[start])) for start, end in pairwise(bounds)]
+from duokit.models.base import Adapter, Grid, Prefix, mask_runs
 
 
 def qwen_text_after_video(position_ids: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
@@ -63,6 +55,12 @@ class QwenVLAdapter(Adapter):
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
 
+    def video_grids(self, inputs: Any) -> tuple[Grid, ...]:
+        if "video_grid_thw" not in inputs:
+            return ()
+        merge = self.model.config.vision_config.spatial_merge_size  # the merger joins merge x merge patches
+        return tuple((int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["video_grid_thw"].tolist())
+
     def embed_prefix(self, inputs: Any) -> Prefix:
         core = self.model.model
         input_ids = inputs["input_ids"]
@@ -72,7 +70,8 @@ class QwenVLAdapter(Adapter):
             embeds = core.get_input_embeddings()(input_ids)
             if "pixel_values_videos" not in inputs:
                 length = input_ids.shape[1]
-                return Prefix(input_ids, embeds, self.positions(0, length), video_mask, next_position=length)
+                return self.with_layout(Prefix(input_ids, embeds, self.positions(0, length), video_mask,
+                                               next_position=length), inputs)
             video = core.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
                                             video_grid_thw=inputs["video_grid_thw"], return_dict=True)
             features = torch.cat(video.pooler_output, dim=0).to(embeds.device, embeds.dtype)
@@ -97,8 +96,9 @@ class QwenVLAdapter(Adapter):
         if video_mask[-1]:
             raise ValueError("a Qwen-VL prefix must end with a text token (<|vision_end|>) so the "
                              "position of the text after it is known; check the chat template")
-        return Prefix(input_ids, embeds, position_ids, video_mask,
-                      next_position=int(position_ids[0, 0, -1]) + 1, layer_inputs=layer_inputs)
+        return self.with_layout(Prefix(input_ids, embeds, position_ids, video_mask,
+                                       next_position=int(position_ids[0, 0, -1]) + 1, layer_inputs=layer_inputs),
+                                inputs)
 
     def positions(self, start: int, count: int) -> torch.Tensor:
         return super().positions(start, count)[None].expand(3, 1, count)
