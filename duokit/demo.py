@@ -1,6 +1,6 @@
 """`duokit demo`: the whole pipeline on CPU with the shipped NeedleNet, in one resumable run directory.
 
-Stages (docs/demo.md): synthesize a fresh held-out set → evaluate every method of `METHODS` (a method
+Stages (docs/demo.md): synthesize a fresh held-out set → evaluate every method of `DEMO_ROWS` (a method
 may first prepare something, e.g. DuoAttention trains its gates) → a table of accuracy, KV-cache
 memory and latency, printed and saved with plots.
 
@@ -107,14 +107,13 @@ def gates_done(config: DemoConfig, run: Path) -> bool:
 
 
 def duo_settings(config: DemoConfig, run: Path) -> dict[str, Any]:
-    # Training keeps `recent` tokens including the query, inference `recent` before it: deploying with
-    # recent - 1 is the same window (docs/duo_training.md "Mask convention").
+    # Training and inference give `recent` one meaning (docs/duoattention.md): deploy the trained window.
     return {"pattern": str(run / "duo-train" / "pattern"), "sparsity": config.sparsity, "sink": config.sink,
-            "recent": config.recent - 1}
+            "recent": config.recent}
 
 
 # The demo grows by appending a spec here.
-METHODS = (
+DEMO_ROWS = (
     MethodSpec("baseline", "baseline (dense)", "baseline", lambda config, run: {}),
     MethodSpec("duo", "DuoAttention", "duo", duo_settings,
                prepare=Preparation("training DuoAttention gates", gates_done, train_duo_gates)),
@@ -279,7 +278,7 @@ def plot_latency(rows: list[dict], path: Path) -> Path:
 
 
 def report(run: Path, config: dict, demo: DemoConfig) -> tuple[str, dict]:
-    rows = [result_row(demo, run, spec) for spec in METHODS]
+    rows = [result_row(demo, run, spec) for spec in DEMO_ROWS]
     results = {"config": config, "methods": rows}
     stages = run / "stages.json"
     if stages.exists():
@@ -322,7 +321,7 @@ def run_demo(out: str | Path | None = None, frames: int = 32, per_task: int = 16
     samples = len(SUBTASKS) * per_task
     stages = [Stage("synth", f"synthesizing {samples} held-out samples ({frames} frames) into {data}",
                     lambda: (data / "annotations.json").is_file(), lambda: synthesize(demo, data, progress))]
-    for spec in METHODS:
+    for spec in DEMO_ROWS:
         if spec.prepare is not None:
             prepare = spec.prepare
             stages.append(Stage(f"prepare-{spec.name}", prepare.title, lambda p=prepare: p.done(demo, run),

@@ -161,10 +161,9 @@ def dtype_bytes(model: Any) -> int:
     return torch.finfo(model.dtype).bits // 8
 
 
-def estimate_kv_bytes(adapter: Any, method: Any, num_tokens: int, dtype_size: int) -> int:
-    """KV bytes `method` keeps for `num_tokens` tokens of `adapter`'s language model."""
-    return method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, num_tokens,
-                                    dtype_size)
+def planned_kv_bytes(adapter: Any, method: Any, tokens: Any) -> int:
+    """KV bytes `method` keeps at its peak for `tokens` (`duokit.models.TokenCounts`) on `adapter`'s model."""
+    return method.estimate_kv_bytes(adapter.geometry, tokens)
 
 
 def available_memory_bytes(device: torch.device | str) -> int | None:
@@ -177,7 +176,7 @@ def available_memory_bytes(device: torch.device | str) -> int | None:
 
 def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
                 frame_height: int = DEFAULT_FRAME_SIZE[0], frame_width: int = DEFAULT_FRAME_SIZE[1],
-                chunk_size: int = 2048, suffix_tokens: int = 256, max_new_tokens: int = 5) -> MemoryPlan:
+                chunk_size: int | None = None, suffix_tokens: int = 256, max_new_tokens: int | None = None) -> MemoryPlan:
     """Estimate the memory of evaluating one sample: weights + KV + activations.
 
     The prefix token count is exact: the real processor runs on `num_frames` black frames of the given
@@ -188,6 +187,11 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     """
     import numpy as np
 
+    from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS
+    from duokit.models.base import TokenCounts
+
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     frames = None
     if adapter.is_multimodal:
         frames = np.zeros((num_frames, frame_height, frame_width, 3), dtype=np.uint8)
@@ -197,8 +201,9 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     size = dtype_bytes(model)
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
-    kv = (estimate_kv_bytes(adapter, method, prefix_tokens, size)
-          + estimate_kv_bytes(adapter, method, try_tokens, size))
+    prefix_counts = TokenCounts(prefix_tokens - video_tokens, video_tokens, adapter.video_grids(inputs))
+    try_counts = TokenCounts(try_tokens - video_tokens, video_tokens, prefix_counts.video_grids)
+    kv = planned_kv_bytes(adapter, method, prefix_counts) + planned_kv_bytes(adapter, method, try_counts)
     config = adapter.text_config
     chunk = min(chunk_size, prefix_tokens)
     scores = chunk * try_tokens * adapter.num_heads * 4

@@ -104,6 +104,13 @@ def uniform_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total_frames - 1, num_frames, dtype=int).astype(np.int64)
 
 
+def sampled_fps(timestamps: np.ndarray, source_fps: float) -> float:
+    """Frames per video second of uniformly sampled frames (the source fps for a single frame)."""
+    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
+        return (len(timestamps) - 1) / float(timestamps[-1] - timestamps[0])
+    return float(source_fps)
+
+
 def fps_indices(total_frames: int, source_fps: float, fps: float) -> np.ndarray:
     """One frame every source_fps/fps frames: transformers' `default_sample_indices_fn` rule
     (`transformers/video_utils.py`), `n = max(1, int(total / source_fps * fps))`, `i * total // n`."""

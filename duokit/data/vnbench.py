@@ -53,6 +53,12 @@ def official_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
     return "\n".join(lines + [ANSWER_INSTRUCTION])
 
 
+def question_part(question: str) -> str:
+    """The leading part of `official_prompt` that a sample's tries share: the question line, newline
+    included (so the tokenizer does not merge across the split)."""
+    return question + "\n"
+
+
 def permuted_options(options_try0: list[str] | tuple[str, ...]) -> list[list[str]]:
     """The four option orders of a sample, try 0 to try 3, by the official fixed scheme."""
     if len(options_try0) != 4:

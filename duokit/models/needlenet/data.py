@@ -22,7 +22,7 @@ import torch
 
 from duokit.data.synth.generate import GAP_SECONDS, SynthConfig, Synthesizer
 from duokit.data.synth.splits import split_seed
-from duokit.data.video import NEEDLE_SECONDS, uniform_indices
+from duokit.data.video import NEEDLE_SECONDS, sampled_fps, uniform_indices
 from duokit.data.vnbench import SUBTASKS, official_prompt
 from duokit.models.needlenet.config import FRAME_SIZE
 
@@ -110,8 +110,6 @@ class Example:
 
 def sampled(frames: np.ndarray, fps: float, count: int) -> tuple[np.ndarray, float]:
     """`count` frames by the official uniform rule, and their fps as the engine computes it."""
-    from duokit.engine import sampled_fps
-
     indices = uniform_indices(len(frames), count)
     return frames[indices], sampled_fps(indices / fps, fps)
 
