@@ -75,12 +75,20 @@ def decode_step(model, cache, token: torch.Tensor) -> torch.Tensor:
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
+def lm(model):
+    """The engine's view of the benchmark model (a text LM: no processor needed)."""
+    from duokit.engine import LM
+    from duokit.models.text import TextAdapter
+
+    return LM(model, TextAdapter(model, None))
+
+
 def applied(model, method):
     """`with applied(model, method):` applies `method` (None = the sdpa baseline, nothing to apply)."""
-    return method.apply(model, None) if method else contextlib.nullcontext()
+    return method.apply(model, lm(model).adapter) if method else contextlib.nullcontext()
 
 
 def new_cache(model, method):
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config) if method is None else method.new_cache(model, None)
+    return DynamicCache(config=model.config) if method is None else method.new_cache(lm(model), None)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from duokit.cli import main
 from duokit.methods.base import get_method
+from duokit.models.base import Geometry, TokenCounts
 from duokit.methods.duo.pattern import (
     CONFIG_FILE,
     GATES_FILE,
@@ -147,11 +149,13 @@ def test_estimate_kv_bytes_is_the_analytic_formula(tmp_path):
     save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
     method = get_method("duo", pattern=str(tmp_path), sparsity=0.5, sink=64, recent=256)
     # Retrieval heads: layer 0 head 0, layer 1 head 0 (gate 0.8 > 0.7): 2 full heads, 2 streaming heads.
+    geometry = Geometry(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=128, hidden_size=256,
+                        intermediate_size=512, dtype_bytes=2)
     for tokens in (100, 320, 5000):
         expected = 2 * 128 * 2 * (2 * tokens + 2 * min(tokens, 320))
-        assert method.estimate_kv_bytes(2, 2, 128, tokens, 2) == expected
+        assert method.estimate_kv_bytes(geometry, TokenCounts(text=tokens - 30, video=30)) == expected
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
-        method.estimate_kv_bytes(3, 2, 128, 10, 2)
+        method.estimate_kv_bytes(replace(geometry, num_layers=3), TokenCounts(10))
 
 
 def test_cli_pattern_show_json(tmp_path, capsys):

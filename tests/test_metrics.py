@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from duokit.engine import new_cache, prefill
+from duokit.engine import LM
 from duokit.methods import get_method
 from duokit.metrics import MemoryPlan, Stopwatch, kv_cache_bytes, plan_memory, warn_if_too_big
 from duokit.models import load_vlm
@@ -23,9 +23,10 @@ def qwen():
     return load_vlm("tiny:qwen2_5_vl")
 
 
-def prefilled(model, adapter, video, method):
-    prefix = adapter.embed_prefix(adapter.build_prefix(video, 1.0))
-    return prefix, prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
+def prefilled(model, adapter, video, method, context=None):
+    lm = LM(model, adapter)
+    prefix = adapter.embed_prefix(adapter.build_prefix(video, None if video is None else 1.0, context))
+    return prefix, lm.prefill(prefix, method.new_cache(lm, prefix), chunk_size=32)
 
 
 @pytest.mark.parametrize("name", ["tiny:qwen2_5_vl", "tiny:llama"])
@@ -33,13 +34,8 @@ def test_kv_estimate_equals_measured_bytes(name):
     model, _, adapter = load_vlm(name)
     method = get_method("baseline")
     video = np.zeros((8, 64, 64, 3), dtype=np.uint8) if adapter.is_multimodal else None
-    if video is None:
-        prefix = adapter.embed_prefix(adapter.build_prefix(None, None, context="some text " * 20))
-        cache = prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
-    else:
-        prefix, cache = prefilled(model, adapter, video, method)
-    estimate = method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim,
-                                        prefix.num_tokens, dtype_bytes=4)
+    prefix, cache = prefilled(model, adapter, video, method, None if adapter.is_multimodal else "some text " * 20)
+    estimate = method.estimate_kv_bytes(adapter.geometry, prefix.token_counts)
     assert kv_cache_bytes(cache) == estimate == 2 * 2 * 2 * 16 * 4 * prefix.num_tokens
 
 

@@ -69,7 +69,7 @@ def profile_heads(adapter: Any, data: Any, num_examples: int, sink: int, recent:
         positions = torch.nonzero(example.answer_mask[1:]).flatten()
         plan = ProfilePlan(sink, recent, positions, far_mass)
         with torch.no_grad(), select_attention(adapter.model, PROFILE_ATTENTION, profiling_attention,
-                                               "duokit_duo_profile", lambda module: plan):
+                                               "duokit_duo_profile", lambda module, plan=plan: plan):
             adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
                                    use_cache=False, **example.model_kwargs)
     return (far_mass / num_examples).numpy()

@@ -80,8 +80,8 @@ class TrainSettings:
             raise ValueError(f"--steps and --save-every must be >= 1, got {self.steps}, {self.save_every}")
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.sink < 0 or self.recent < 1:
-            raise ValueError(f"need --sink >= 0 and --recent >= 1, got {self.sink}, {self.recent}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(f"need --sink >= 0 and --recent >= 0, got {self.sink}, {self.recent}")
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"--loss-positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
         self.frames, self.frame_size, self.needles = tuple(self.frames), tuple(self.frame_size), tuple(self.needles)
