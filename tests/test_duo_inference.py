@@ -15,9 +15,9 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import duokit.methods.duo.attention as duo_attention
+from duokit.engine import LM
 from duokit.methods.base import get_method
 from duokit.methods.duo.pattern import save_pattern
-from duokit.engine import LM
 from duokit.metrics import kv_cache_bytes
 from duokit.models import load_vlm
 from duokit.models.base import TokenCounts

@@ -12,7 +12,6 @@ import pytest
 
 from duokit.cli import main
 from duokit.methods.base import get_method
-from duokit.models.base import Geometry, TokenCounts
 from duokit.methods.duo.pattern import (
     CONFIG_FILE,
     GATES_FILE,
@@ -22,6 +21,7 @@ from duokit.methods.duo.pattern import (
     retrieval_heads_per_layer,
     save_pattern,
 )
+from duokit.models.base import Geometry, TokenCounts
 
 
 def official_rule(gates: np.ndarray, sparsity: float) -> np.ndarray:

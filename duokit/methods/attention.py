@@ -7,9 +7,10 @@ so these helpers work from the shapes alone: the queries are the last `q_len` po
 `kv_len` keys ("lower-right" causal alignment). That also serves a layer whose KV length differs from
 its neighbours' (a cache that evicts or pools per layer): each call only needs its own keys.
 
-- `causal`: transformers' own sdpa call when no mask is needed (q_len 1 or q_len = kv_len), so a method
-  at its identity setting is bit-identical to the baseline; else the CPU flash path (`causal_cpu`) or a
-  lower-right causal sdpa call on GPU.
+- `causal`: transformers' own sdpa call when no mask is needed (q_len 1 or q_len = kv_len), or with
+  `exact` (the boolean causal mask transformers would build), so a method at its identity setting is
+  bit-identical to the baseline; else the CPU flash path (`causal_cpu`) or a lower-right causal sdpa
+  call on GPU.
 - `causal_cpu`: two mask-free CPU flash calls (past keys; the chunk's own keys causally) merged by
   their log-sum-exp (`merge_by_lse`).
 - `packed_decode`: one query token with grouped KV heads, each KV head read once (transformers'
@@ -35,13 +36,22 @@ CAUSAL_ATTENTION = "duokit_causal"
 
 
 def causal(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           scaling: float | None, dropout: float = 0.0) -> torch.Tensor:
+           scaling: float | None, dropout: float = 0.0, exact: bool = False) -> torch.Tensor:
     """Causal attention aligned bottom-right: query `[B, H_q, q, D]`, keys/values `[B, H_kv, kv, D]`
-    with kv >= q; returns `[B, q, H_q, D]` as transformers expects."""
+    with kv >= q; returns `[B, q, H_q, D]` as transformers expects.
+
+    `exact`: always the baseline's own call (transformers' sdpa with the boolean causal mask it would
+    build), so a layer the method leaves unchanged reproduces the baseline bit for bit in every prefill
+    chunk; otherwise a chunk after the first takes the faster paths below (equal up to float rounding).
+    """
     q_len, kv_len = query.shape[-2], key.shape[-2]
     if q_len == 1 or q_len == kv_len:
         # Same call as the baseline, so an unmodified layer reproduces it bit for bit.
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling)[0]
+    if exact:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        return sdpa_attention_forward(module, query, key, value, mask[None, None], dropout=dropout,
+                                      scaling=scaling)[0]
     if query.device.type == "cpu" and not dropout:
         return causal_cpu(query, key, value, scaling)
     # A masked GQA call falls back to the math kernel, which materialises q_len x kv_len scores per head;
@@ -100,10 +110,11 @@ def causal_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """An `AttentionInterface` function: lower-right causal attention over whatever keys the layer's
-    cache returned (their number may differ from layer to layer)."""
+    cache returned (their number may differ from layer to layer), exactly the baseline's call when the
+    lengths agree with the baseline's."""
     if attention_mask is not None:
         raise ValueError(f"{CAUSAL_ATTENTION} attention supports batch size 1 without padding (got a mask)")
-    return causal(module, query, key, value, scaling, dropout), None
+    return causal(module, query, key, value, scaling, dropout, exact=True), None
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -45,7 +45,8 @@ def duo_attention(module: torch.nn.Module, query: torch.Tensor, key: SplitKV | t
         if query.shape[-2] == 1 and plan.streaming_heads and not dropout:
             output = packed_decode(retrieval_query, key.retrieval, value.retrieval, scaling)
         else:  # an all-retrieval layer keeps transformers' own call: bit-identical to the baseline
-            output = causal(module, retrieval_query, key.retrieval, value.retrieval, scaling, dropout)
+            output = causal(module, retrieval_query, key.retrieval, value.retrieval, scaling, dropout,
+                            exact=not plan.streaming_heads)
         outputs.append((query_heads, output))
     if plan.streaming_heads:
         query_heads = _query_heads(plan.streaming_heads, groups)
