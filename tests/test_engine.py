@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import FrozenInstanceError, dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -354,3 +355,56 @@ def test_eval_with_duo_checks_the_pattern_before_writing_the_run(tmp_path, capsy
     assert decoded[0]["cost"]["kv_bytes"] == 2 * 16 * 4 * (2 * prefix_tokens + 2 * min(prefix_tokens, 4 + 16))
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "duo" and config["method"]["recent"] == 16
+
+
+@dataclass
+class FrameChunks(Method):
+    """Test method owning its prefill: one chunk per temporal group boundary, each with a 4-D causal mask
+    and its own keyword, which a forward pre-hook on the decoder layers records."""
+
+    name = "test-frame-chunks"
+
+    def __post_init__(self):
+        self.seen = []
+
+    def install(self, model, adapter):
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+
+        def record(module, args, kwargs):
+            if "probe" in kwargs:
+                self.seen.append(kwargs["probe"])
+
+        for layer in adapter.decoder_layers:
+            stack.callback(layer.register_forward_pre_hook(record, with_kwargs=True).remove)
+        return stack
+
+    def prefill(self, lm, prefix, cache, chunk_size):
+        starts = (prefix.frame_of[1:] != prefix.frame_of[:-1]).nonzero()[:, 0] + 1
+        bounds = [*starts.tolist(), prefix.num_tokens]
+
+        def chunk_kwargs(start, end):
+            mask = torch.ones(end - start, end, dtype=torch.bool).tril(start)  # causal, bottom-right aligned
+            return {"attention_mask": mask[None, None], "probe": (start, end)}
+
+        return lm.prefill(prefix, cache, chunk_size, bounds=bounds, chunk_kwargs=chunk_kwargs)
+
+
+def test_a_method_gives_chunk_bounds_and_per_chunk_inputs():
+    model, _, adapter = tiny("qwen2_5_vl")
+    method = FrameChunks()
+    with monkeypatch_rule(adapter):
+        result = run_engine(model, adapter, method, frames(), PROMPTS[:1])
+        expected = generate_tokens(model, adapter, frames(), None, PROMPTS[0])
+    assert result.answers[0].tokens == expected
+    prefix = LM(model, adapter).embed(SampleInput(frames(), FPS))
+    groups = int(prefix.frame_of.max()) + 1
+    chunks = sorted(set(method.seen))
+    assert len(chunks) == groups + 2  # the text before the video, each temporal group, the text after it
+    assert chunks[0][0] == 0 and chunks[-1][1] == prefix.num_tokens
+    assert all(a[1] == b[0] for a, b in pairwise(chunks))
+    for group, (start, end) in enumerate(chunks[1:-1]):
+        assert (prefix.frame_of[start:end] == group).all()
+    with pytest.raises(ValueError, match="bounds"):
+        LM(model, adapter).prefill(prefix, None, 16, bounds=[5, 3, prefix.num_tokens])
