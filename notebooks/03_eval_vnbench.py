@@ -37,10 +37,9 @@ PER_TASK = 3 if FAST else 20        # samples per sub-task (None: all 150)
 HELDOUT_SEED = 123                  # seed of the synthesized held-out set (split "eval", unseen in training)
 PATTERN = None                      # a pattern directory; None: the one 02_train_duo wrote
 SPARSITY = 0.5                      # share of streaming KV heads
-# Deploy window. On a CPU: 02's training window 4 + 16, with recent - 1 because training counts the
-# query among the recent tokens and inference does not (docs/duo_training.md "Mask convention");
-# on a GPU: the paper's deploy settings.
-SINK, RECENT = (4, 15) if FAST else (64, 256)
+# Deploy window. On a CPU: 02's training window 4 + 16 (`recent` means the same in training and
+# inference, docs/duoattention.md); on a GPU: the paper's deploy settings.
+SINK, RECENT = (4, 16) if FAST else (64, 256)
 
 # %% [markdown]
 # Inputs: the head pattern trained in 02_train_duo, and the annotation file. On a GPU that is VNBench
