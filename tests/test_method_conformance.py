@@ -52,6 +52,15 @@ def identity(name, tmp_path, adapter):
     return get_method(name, **method_class(name).conformance_settings(tmp_path, adapter.geometry))
 
 
+def baseline_like(method):
+    """The baseline, prefilling per question when `method` does (the same prefix and chunks as the method)."""
+    cls = method_class("baseline")
+    if method.prefix_depends_on_question:
+        cls = types.new_class(f"{cls.__name__}PerQuestion", (cls,),
+                              exec_body=lambda namespace: namespace.update(prefix_depends_on_question=True))
+    return cls()
+
+
 def run(model, adapter, method):
     with method.apply(model, adapter):
         return answer_tries(LM(model, adapter), method, sample_for(adapter), TRIES, chunk_size=CHUNK,
@@ -62,8 +71,9 @@ def run(model, adapter, method):
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_identity_reproduces_the_baseline_and_plans_its_peak_kv(name, family, tmp_path):
     model, _, adapter = tiny(family)
-    expected = run(model, adapter, get_method("baseline"))
-    result = run(model, adapter, identity(name, tmp_path, adapter))
+    method = identity(name, tmp_path, adapter)
+    expected = run(model, adapter, baseline_like(method))
+    result = run(model, adapter, method)
     for got, want in zip(result.answers, expected.answers, strict=True):
         assert got.tokens == want.tokens
         assert torch.equal(got.logits, want.logits)

@@ -161,7 +161,7 @@ class Method:
         if getattr(self, "_applied_to", None) is not None:
             raise RuntimeError(f"method {self.name!r} is already applied")
         with self.install(model, adapter):
-            self._applied_to = model
+            self._applied_to = id(model)  # not the model itself: a copy of the method must not copy it
             try:
                 yield
             finally:
@@ -173,7 +173,7 @@ class Method:
 
     def check_applied(self, model: Any) -> None:
         """Raise unless this method is applied to `model` (the engine calls it before every sample)."""
-        if getattr(self, "_applied_to", None) is not model:
+        if getattr(self, "_applied_to", None) != id(model):
             raise RuntimeError(f"method {self.name!r} must run inside `with method.apply(model, adapter):`")
 
     # --- per sample --------------------------------------------------------------------------------
