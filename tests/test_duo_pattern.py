@@ -158,6 +158,24 @@ def test_estimate_kv_bytes_is_the_analytic_formula(tmp_path):
         method.estimate_kv_bytes(replace(geometry, num_layers=3), TokenCounts(10))
 
 
+def test_prefill_flops_count_the_streaming_window(tmp_path):
+    """Streaming heads score each query against min(p + 1, sink + recent + 1) keys; the rest is dense."""
+    geometry = Geometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
+                        intermediate_size=64, dtype_bytes=4)
+    save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
+    tokens = [100, 100]
+    dense = get_method("baseline").estimate_prefill_flops(geometry, tokens)
+    assert get_method("duo", pattern=str(tmp_path), sparsity=0.0).estimate_prefill_flops(geometry, tokens) == dense
+    duo = get_method("duo", pattern=str(tmp_path), sparsity=0.5, sink=4, recent=10)
+    costs = duo.estimate_prefill_flops(geometry, tokens)
+    assert costs["mlp_flops"] == dense["mlp_flops"] == 2 * 6 * 100 * 32 * 64
+    window_pairs = sum(min(p + 1, 4 + 10 + 1) for p in range(100))
+    # One streaming KV head per layer, 2 query heads each: their pairs shrink from causal to the window;
+    # a pair costs 4·head_dim per query head (q·k and the weighted v, a multiply-add counting 2).
+    saved = 4 * 8 * 2 * (100 * 101 // 2 - window_pairs)
+    assert costs["attention_flops"] == dense["attention_flops"] - 2 * saved
+
+
 def test_cli_pattern_show_json(tmp_path, capsys):
     gates = official_shaped_gates()
     save_pattern(tmp_path, gates, 128, 256)

@@ -229,6 +229,8 @@ def test_prefix_is_immutable_and_keep_slices_every_array():
     assert kept.next_position == prefix.next_position and kept.video_grids == prefix.video_grids
     with pytest.raises(ValueError, match="mask"):
         prefix.keep(keep[:-1])
+    with pytest.raises(ValueError, match="disagree on the token count"):
+        replace(prefix, video_mask=prefix.video_mask[:-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,3 +110,25 @@ def test_stopwatch_accumulates():
         with watch:
             time.sleep(0.01)
     assert 0.02 <= watch.seconds < 1.0
+
+
+def test_summarize_cost_aggregates_every_numeric_key():
+    from duokit.eval_command import summarize_cost
+
+    records = [
+        {"sample_id": "a", "cost": {"kv_bytes": 10, "new_method_cost": 1.0, "peak_memory_exact": True,
+                                    "tokens_per_layer": [3, 3], "needles_missed": 0}},
+        {"sample_id": "a", "cost": {"kv_bytes": 10, "new_method_cost": 1.0, "peak_memory_exact": True,
+                                    "tokens_per_layer": [3, 3], "needles_missed": 0}},
+        {"sample_id": "b", "cost": {"kv_bytes": 30, "peak_memory_exact": False, "needles_missed": 1}},
+        {"sample_id": "c", "error": "VideoError: gone"},
+    ]
+    summary = summarize_cost(records)
+    assert summary["n_samples"] == 2 and summary["n_errors"] == 1
+    assert (summary["kv_bytes"], summary["kv_bytes_max"]) == (20, 30)
+    # A key only some samples have (a method's own cost) is averaged over those samples.
+    assert (summary["new_method_cost"], summary["new_method_cost_max"]) == (1.0, 1.0)
+    assert summary["peak_memory_exact"] is False
+    assert summary["needle_coverage"] == 0.5
+    assert "tokens_per_layer" not in summary
+    assert summarize_cost([]) == {"n_samples": 0, "n_errors": 0}
