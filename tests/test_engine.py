@@ -410,3 +410,17 @@ def test_a_method_gives_chunk_bounds_and_per_chunk_inputs():
         assert (prefix.frame_of[start:end] == group).all()
     with pytest.raises(ValueError, match="bounds"):
         LM(model, adapter).prefill(prefix, None, 16, bounds=[5, 3, prefix.num_tokens])
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lm_exposes_layers_rotary_and_geometry(family):
+    """What a method that works inside the model uses: the decoder layers, the rotary embedding for
+    positions it makes up (M-RoPE takes (3, 1, n), others (1, n); floats allowed), the geometry."""
+    model, _, adapter = tiny(family)
+    lm = LM(model, adapter)
+    assert len(lm.layers) == lm.geometry.num_layers == 2
+    positions = adapter.positions(0, 5).float() + 0.5
+    hidden = torch.zeros(1, 5, lm.geometry.hidden_size)
+    cos, sin = lm.rotary(hidden, positions)
+    assert cos.shape[-2:] == sin.shape[-2:] == (5, lm.geometry.head_dim)
+    assert lm.geometry.dtype_bytes == 4
