@@ -25,6 +25,10 @@ MAX_NEW_TOKENS = 5  # the official LLaVA example decodes greedily with max_new_t
 DEFAULT_CHUNK_SIZE = 2048  # prefill chunk (tokens): bounds attention-score memory on long videos
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits (e.g. Qwen-VL overflowing in float16): argmax would be arbitrary."""
+
+
 @dataclass
 class TryAnswer:
     tokens: list[int]
@@ -73,7 +77,11 @@ def greedy_decode(adapter: Any, cache: Any, prefix: Prefix, suffix_ids: torch.Te
         count = step_ids.shape[1]
         hidden = adapter.language_model(input_ids=step_ids, position_ids=adapter.positions(position, count),
                                         past_key_values=cache, use_cache=True).last_hidden_state
-        token = int(adapter.lm_head(hidden[:, -1]).float().argmax(-1))
+        logits = adapter.lm_head(hidden[:, -1]).float()
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits(f"NaN/inf logits at decoding step {len(tokens) + 1} of a {hidden.dtype} model; "
+                                  "run in bfloat16 or float32 (--dtype)")
+        token = int(logits.argmax(-1))
         tokens.append(token)
         position += count
         if token in eos:
@@ -142,8 +150,8 @@ def evaluate_sample(model: Any, adapter: Any, method: Any, sample: Any, video_di
                     skip: set[str] | frozenset = frozenset()) -> list[dict]:
     """Prediction records (duokit.data.scoring) for the tries of `sample` not in `skip` (record ids).
 
-    A video that cannot be found or decoded, or a sample that runs out of GPU memory, gives records
-    with `error` set (scored as wrong) instead of stopping the run.
+    A video that cannot be found or decoded, a sample that runs out of GPU memory, or NaN/inf logits give
+    records with `error` set (scored as wrong, counted in n_errors) instead of stopping the run.
     """
     from duokit.data.scoring import prediction_record
     from duokit.data.video import VideoError, load_frames, needle_coverage
@@ -157,7 +165,7 @@ def evaluate_sample(model: Any, adapter: Any, method: Any, sample: Any, video_di
         result = answer_tries(model, adapter, method, video.frames,
                               sampled_fps(video.timestamps, video.fps), [record.prompt for record in tries],
                               chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-    except (VideoError, OSError, torch.OutOfMemoryError) as err:
+    except (VideoError, OSError, torch.OutOfMemoryError, NonFiniteLogits) as err:
         if isinstance(err, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
         error = f"{type(err).__name__}: {err}"
