@@ -162,6 +162,11 @@ class Adapter:
         """Processor kwargs that set the frame resolution for a video of `num_frames` frames."""
         return {}
 
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        """(patches the vision tower runs on, patches of its largest attention group) for processor
+        `inputs` (the memory planner's vision term); (0, 0) without a video."""
+        return 0, 0
+
     def process(self, text: str, frames: np.ndarray | None, fps: float | None) -> Any:
         """Run the real processor on one prompt text (and video); tensors on the model's device."""
         kwargs: dict[str, Any] = {"return_tensors": "pt", "add_special_tokens": False}

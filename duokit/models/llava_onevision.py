@@ -21,6 +21,14 @@ class LlavaOnevisionAdapter(Adapter):
     def video_token_id(self) -> int:
         return self.model.config.video_token_index
 
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        if "pixel_values_videos" not in inputs:
+            return 0, 0
+        vision = self.model.config.vision_config
+        frames, side = inputs["pixel_values_videos"].shape[1], inputs["pixel_values_videos"].shape[-1]
+        per_frame = (side // vision.patch_size) ** 2  # SigLIP attends within one frame
+        return frames * per_frame, per_frame
+
     def embed_prefix(self, inputs: Any) -> Prefix:
         prefix = super().embed_prefix(inputs)
         if "pixel_values_videos" not in inputs:

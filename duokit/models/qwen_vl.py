@@ -114,6 +114,13 @@ class QwenVLAdapter(Adapter):
             h, w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
         return -(-num_frames // temporal), h // patch, w // patch
 
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        if "video_grid_thw" not in inputs:
+            return 0, 0
+        grid = inputs["video_grid_thw"].tolist()
+        # Full-attention vision blocks attend within one temporal patch (h x w patches) at a time.
+        return sum(t * h * w for t, h, w in grid), max(h * w for _, h, w in grid)
+
     def tokens_per_frame(self, num_frames: int, height: int, width: int) -> float:
         """Language-model tokens per frame: one per merge x merge patches of each temporal patch."""
         t, h, w = self.video_grid(num_frames, height, width)
