@@ -88,3 +88,21 @@ def test_the_planner_sizes_from_the_largest_video_by_header(tmp_path):
         frame_size(videos / "h3_cnt_edit1.mp4")
     assert largest_frame_size(samples, videos) == (240, 320)
     assert largest_frame_size(samples[2:], videos) == (360, 640)  # none readable: the documented default
+
+
+def test_gpu_smoke_runs_on_cpu_and_says_what_it_skipped(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_smoke.py"
+    spec = importlib.util.spec_from_file_location("gpu_smoke", script)
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    monkeypatch.setattr(smoke, "MODELS", ("needlenet",))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert smoke.main(["--json", str(tmp_path / "smoke.json")]) == 0
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["ok"] and result["device"] == "cpu" and result["command"].startswith("python ")
+    assert {"date", "versions", "checks", "skipped"} <= set(result)
+    assert len(result["checks"]) == 5 and all(check["ok"] for check in result["checks"])
+    assert any("max_memory_allocated" in what for what in result["skipped"])
