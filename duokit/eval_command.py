@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 
 
 def add_video_options(parser: argparse.ArgumentParser) -> None:
-    """--max-pixels/--min-pixels/--attn-implementation, shared by `duokit eval` and `duokit train-duo`."""
+    """--max-pixels/--min-pixels (pixels per frame, docs/video.md) and --attn-implementation."""
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="pixels per frame the processor resizes frames down to (Qwen-VL; default 200704 = "
                              "448x448, 128 tokens/frame on Qwen2.5-VL, or the model's own cap if lower; "
