@@ -5,7 +5,7 @@ dtype ("auto"): float32 on CPU; bfloat16 on GPUs with bf16 tensor cores (compute
 A100, L4, H100); on older GPUs (T4, sm75) float16, except for Qwen-VL models, which overflow in float16
 (huggingface/transformers#33294: inf/NaN activations, "!!!!" answers): they run in float32 when their
 float32 weights leave `FP32_HEADROOM_BYTES` of the GPU free, and are refused with the numbers otherwise
-(docs/video.md, "GPUs without bfloat16").
+(docs/architecture.md, "dtype on GPUs without bfloat16").
 
 Attention ("auto"): `flash_attention_2` when the `flash_attn` package imports, the device is a CUDA GPU
 of compute capability 8.0 or more and the dtype is float16 or bfloat16 (flash-attn 2's requirements,
@@ -26,7 +26,7 @@ from typing import Any
 BF16_MIN_CAPABILITY = (8, 0)
 FLASH_MIN_CAPABILITY = (8, 0)
 # GPU memory left free beyond the float32 weights for KV, activations, the vision tower and the CUDA
-# context before a Qwen-VL model is run in float32 on a GPU without bf16 (docs/video.md).
+# context before a Qwen-VL model is run in float32 on a GPU without bf16 (docs/architecture.md).
 FP32_HEADROOM_BYTES = 2 * 2**30
 # Families whose float16 activations overflow (huggingface/transformers#33294).
 FP16_UNSAFE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
