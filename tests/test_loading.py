@@ -188,6 +188,16 @@ def test_a_hub_id_offline_gives_one_line(tmp_path):
     assert "hf_not_a_real_token" not in result.stderr + result.stdout
 
 
+def test_train_duo_plan_offline_gives_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "duokit", "train-duo", "--model", "Qwen/Qwen2.5-VL-7B-Instruct",
+                             "--out", str(tmp_path / "run"), "--plan"], check=False, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("duokit train-duo: error: model Qwen/Qwen2.5-VL-7B-Instruct: not in the local")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_an_unsupported_architecture_gives_one_line(tmp_path):
     unknown, bert = tmp_path / "unknown", tmp_path / "bert"
     unknown.mkdir()
