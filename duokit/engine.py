@@ -51,6 +51,10 @@ class Try:
     question: str = ""
 
 
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits (e.g. Qwen-VL overflowing in float16): argmax would be arbitrary."""
+
+
 @dataclass
 class TryAnswer:
     tokens: list[int]
@@ -157,6 +161,9 @@ def greedy_decode(lm: LM, cache: Any, prefix: Prefix, suffix_ids: torch.Tensor,
         step_logits = lm.next_token_logits(hidden)
         if logits is not None:
             logits.append(step_logits)
+        if not torch.isfinite(step_logits).all():
+            raise NonFiniteLogits(f"NaN/inf logits at decoding step {len(tokens) + 1} of a {hidden.dtype} "
+                                  "model; run in bfloat16 or float32 (--dtype)")
         token = int(step_logits.argmax(-1))
         tokens.append(token)
         position += count

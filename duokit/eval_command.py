@@ -18,7 +18,7 @@ from typing import Any
 # Config keys that decide what the predictions are; a resumed run must agree on all of them. The chunk
 # size is one: a method may attend differently per chunk (duo's full_first_chunk).
 RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_new_tokens",
-                "dtype", "samples", "chunk_size")
+                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size")
 
 # Short flags kept from before `--set` existed (`--pattern DIR --sparsity 0.5 --sink 64 --recent 256`):
 # each is `--set NAME=VALUE`, typed and checked by whichever method is chosen. Method classes are not
@@ -55,9 +55,27 @@ def register(subparsers) -> None:
                         help="answer parser (docs/scoring.md; default: the model's own, e.g. text for needlenet, "
                              "else official)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on sm80+; fp32 on CPU; on T4 fp16, fp32 for Qwen-VL) | float32 | float16 "
+                             "| bfloat16; the run records the resolved dtype")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_video_options(parser)
     parser.set_defaults(func=run)
+
+
+def add_video_options(parser: argparse.ArgumentParser) -> None:
+    """--max-pixels/--min-pixels (pixels per frame, docs/video.md) and --attn-implementation."""
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="pixels per frame the processor resizes frames down to (Qwen-VL; default 200704 = "
+                             "448x448, 128 tokens/frame on Qwen2.5-VL, or the model's own cap if lower; "
+                             "docs/video.md)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="pixels per frame small frames are resized up to (Qwen-VL; default: the model's own)")
+    parser.add_argument("--attn-implementation", default="auto",
+                        choices=("auto", "sdpa", "flash_attention_2", "eager"),
+                        help="attention kernel of the vision tower and of methods that keep the model's own "
+                             "attention (default auto: flash_attention_2 when flash_attn is installed on an "
+                             "sm80+ GPU in fp16/bf16, else sdpa)")
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:
@@ -98,24 +116,28 @@ def check_config(out: Path, config: dict) -> dict:
         previous = read_json(path)
         changed = [key for key in RUN_IDENTITY if previous.get(key) != config.get(key)]
         if changed:
+            values = "; ".join(f"{key}: {previous.get(key)!r} -> {config.get(key)!r}" for key in changed
+                               if key != "samples")
             raise ValueError(f"{path}: this run directory holds a different run (differs in: "
-                             f"{', '.join(changed)}); use a new --out, or delete the directory to start over")
+                             f"{', '.join(changed)}{'; ' + values if values else ''}); use a new --out, "
+                             "or delete the directory to start over")
     return config
 
 
-def probe_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
-    """(height, width) of the first decodable video, for the memory planner (its default if none)."""
-    from duokit.data.video import VideoError, load_frames
+def largest_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
+    """(height, width) of the largest frames (by pixel count) among the samples' readable videos, from
+    their headers, for the memory planner (its default if none is readable)."""
+    from duokit.data.video import VideoError, frame_size
     from duokit.data.vnbench import resolve_video
     from duokit.metrics import DEFAULT_FRAME_SIZE
 
-    for sample in samples:
+    sizes = []
+    for name in sorted({sample.video_name for sample in samples}):
         try:
-            frame = load_frames(resolve_video(sample.video_name, videos), num_frames=1).frames[0]
+            sizes.append(frame_size(resolve_video(name, videos)))
         except (VideoError, OSError):
-            continue
-        return frame.shape[0], frame.shape[1]
-    return DEFAULT_FRAME_SIZE
+            continue  # the sample is recorded as an error when it is evaluated
+    return max(sizes, key=lambda size: size[0] * size[1], default=DEFAULT_FRAME_SIZE)
 
 
 def summarize_cost(records: list[dict]) -> dict:
@@ -146,15 +168,22 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
                     skip: set[str] | frozenset = frozenset()) -> list[dict]:
     """Prediction records (duokit.data.scoring) for the tries of VNBench `sample` not in `skip` (record ids).
 
-    A video that cannot be found or decoded, or a sample that runs out of GPU memory, gives records
-    with `error` set (scored as wrong) instead of stopping the run.
+    A video that cannot be found or decoded, a sample that runs out of GPU memory, or NaN/inf logits give
+    records with `error` set (scored as wrong, counted in n_errors) instead of stopping the run.
     """
     import torch
 
     from duokit.data.scoring import prediction_record
     from duokit.data.video import VideoError, load_frames, needle_coverage, sampled_fps
     from duokit.data.vnbench import question_part, resolve_video
-    from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS, SampleInput, Try, answer_tries
+    from duokit.engine import (
+        DEFAULT_CHUNK_SIZE,
+        MAX_NEW_TOKENS,
+        NonFiniteLogits,
+        SampleInput,
+        Try,
+        answer_tries,
+    )
 
     tries = [record for record in sample.tries if record.record_id not in skip]
     if not tries:
@@ -165,7 +194,7 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
                               [Try(record.prompt, question_part(record.question)) for record in tries],
                               chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                               max_new_tokens=max_new_tokens or MAX_NEW_TOKENS)
-    except (VideoError, OSError, torch.OutOfMemoryError) as err:
+    except (VideoError, OSError, torch.OutOfMemoryError, NonFiniteLogits) as err:
         if isinstance(err, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
         error = f"{type(err).__name__}: {err}"
@@ -181,10 +210,12 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
 def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str | Path, model: str | None = None,
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
-             device: str = "auto", max_new_tokens: int | None = None) -> dict:
+             device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
+             min_pixels: int | None = None, attn_implementation: str = "auto") -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
-    settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`).
+    settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
+    `duokit.models.load_vlm`).
 
     Everything that can be checked is checked before RUN/config.json is written: the arguments, an
     existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
@@ -196,7 +227,8 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
     from duokit.metrics import plan_memory, warn_if_too_big
-    from duokit.models import DEFAULT_MODEL, answer_parser, load_vlm
+    from duokit.models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, answer_parser, load_vlm, resolve_precision
+    from duokit.models.loading import device_kind, pick_attn_implementation
 
     model_name = model or DEFAULT_MODEL
     parser = parser or answer_parser(model_name)  # the answer mode recorded with the model (duokit.json)
@@ -211,13 +243,18 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
+    # The run records what "auto" resolves to here, so a resume on a GPU of another precision is refused.
+    device, dtype = resolve_precision(model_name, dtype, device)
+    attn_implementation = pick_attn_implementation(device, dtype, attn_implementation)
     out = Path(out)
     config = check_config(out, {
         "model": model_name, "method": method_instance.settings(),
         "annotations": str(Path(annotations).resolve()),
         "videos": str(Path(videos).resolve()), "frames": frames, "per_task": per_task,
         "seed": seed, "parser": parser, "max_new_tokens": max_new_tokens,
-        "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": device_kind(device),
+        "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "min_pixels": min_pixels,
+        "attn_implementation": attn_implementation,
         "samples": [sample.sample_id for sample in samples], "versions": versions(),
     })
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
@@ -226,11 +263,12 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     if not todo:
         atomic_write_json(out / "config.json", config)
     else:
-        vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device)
+        vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device, max_pixels=max_pixels,
+                                   min_pixels=min_pixels, attn_implementation=attn_implementation)
         # Entering `apply` checks the method against the model, so a bad method leaves no run directory.
         with method_instance.apply(vlm, adapter):
             atomic_write_json(out / "config.json", config)
-            height, width = probe_frame_size(todo, videos)
+            height, width = largest_frame_size(todo, videos)
             plan = plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size,
                                max_new_tokens=max_new_tokens)
             print(plan.describe(), file=sys.stderr)
@@ -258,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
                            method=args.method, settings={**parse_settings(args.setting), **flags},
                            per_task=args.per_task, seed=args.seed, chunk_size=args.chunk_size,
                            parser=args.parser, dtype=args.dtype, device=args.device,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
+                           min_pixels=args.min_pixels, attn_implementation=args.attn_implementation)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1

@@ -174,6 +174,28 @@ def load_frames(
     return _decode_pyav(path, num_frames, fps)
 
 
+def frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of the frames of `path`, read from the container header (nothing is decoded, so
+    sizing a whole annotation set takes milliseconds a video); a header without a size decodes one frame."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: video file not found; check the path or fetch the data first")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream in this file")
+            context = container.streams.video[0].codec_context
+            if context.height and context.width:
+                return int(context.height), int(context.width)
+    except av.FFmpegError as err:
+        raise VideoError(f"{path}: cannot read this video's header ({err}); the file is corrupt or not a "
+                         "video, re-download or re-create it") from err
+    frame = load_frames(path, num_frames=1).frames[0]
+    return frame.shape[0], frame.shape[1]
+
+
 @cache
 def _torchcodec_available() -> bool:
     # torchcodec imports fine but fails to load its library when no system FFmpeg 4-9 is present

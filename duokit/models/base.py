@@ -275,7 +275,23 @@ class Adapter:
         num_frames = len(frames)
         metadata = {"fps": float(fps), "total_num_frames": num_frames,
                     "frames_indices": list(range(num_frames)), "duration": num_frames / fps}
-        return {"video_metadata": [metadata], "do_sample_frames": False}
+        return {"video_metadata": [metadata], "do_sample_frames": False, **self.size_kwargs(num_frames)}
+
+    # --- frame resolution -----------------------------------------------------------------------
+    def set_pixel_limits(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
+        """Pixels per frame the processor resizes frames into (families that resize by pixel count only)."""
+        if max_pixels is not None or min_pixels is not None:
+            raise ValueError(f"{self.family or 'this model'} does not resize frames by pixel count; drop "
+                             "max_pixels/min_pixels (docs/video.md, \"Tokens per frame\")")
+
+    def size_kwargs(self, num_frames: int) -> dict:
+        """Processor kwargs that set the frame resolution for a video of `num_frames` frames."""
+        return {}
+
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        """(patches the vision tower runs on, patches of its largest attention group) for processor
+        `inputs` (the memory planner's vision term); (0, 0) without a video."""
+        return 0, 0
 
     def process(self, text: str, frames: np.ndarray | None, fps: float | None) -> Any:
         """Run the real processor on one prompt text (and video); tensors on the model's device."""

@@ -34,6 +34,13 @@ class LlavaOnevisionAdapter(Adapter):
         if side * side != per_frame:
             raise ValueError(f"LLaVA-OneVision: {per_frame} video tokens per frame is not a square grid")
         return ((frames, side, side),)
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        if "pixel_values_videos" not in inputs:
+            return 0, 0
+        vision = self.model.config.vision_config
+        frames, side = inputs["pixel_values_videos"].shape[1], inputs["pixel_values_videos"].shape[-1]
+        per_frame = (side // vision.patch_size) ** 2  # SigLIP attends within one frame
+        return frames * per_frame, per_frame
 
     def embed_prefix(self, inputs: Any) -> Prefix:
         prefix = super().embed_prefix(inputs)

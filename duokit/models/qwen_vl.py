@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from duokit.models import DEFAULT_MAX_PIXELS
 from duokit.models.base import Adapter, Grid, Prefix, mask_runs
 
 
@@ -51,6 +52,9 @@ class QwenVLAdapter(Adapter):
     text_after_video_rules = ("qwen", "transformers")
     text_after_video = "qwen"
 
+    max_pixels: int | None = None  # per frame; None: the processor's own cap, lowered to DEFAULT_MAX_PIXELS
+    min_pixels: int | None = None  # per frame; None: the processor's own floor
+
     @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
@@ -60,6 +64,65 @@ class QwenVLAdapter(Adapter):
             return ()
         merge = self.model.config.vision_config.spatial_merge_size  # the merger joins merge x merge patches
         return tuple((int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["video_grid_thw"].tolist())
+
+    def set_pixel_limits(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
+        for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 pixel per frame, got {value}")
+        if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+            raise ValueError(f"min_pixels {min_pixels} is more than max_pixels {max_pixels}")
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+
+    @property
+    def budget_per_video(self) -> bool:
+        """Qwen3-VL's video `size` bounds the pixels of the whole video (T·H·W), Qwen2/2.5-VL's one frame."""
+        return self.model.config.model_type == "qwen3_vl"
+
+    def size_kwargs(self, num_frames: int) -> dict:
+        """`size` in pixels per frame, scaled to the whole video for Qwen3-VL (its `smart_resize` counts
+        frames rounded to the temporal patch), and no extra per-video cap (`cap_pixels_per_frame`)."""
+        video_processor = self.processor.video_processor
+        own = video_processor.size
+        frames = 1
+        if self.budget_per_video:
+            temporal = video_processor.temporal_patch_size
+            frames = max(round(num_frames / temporal), 1) * temporal
+        longest = own["longest_edge"] if self.max_pixels is None else self.max_pixels * frames
+        if self.max_pixels is None:
+            longest = min(longest, DEFAULT_MAX_PIXELS * frames)
+        shortest = own["shortest_edge"] if self.min_pixels is None else self.min_pixels * frames
+        return {"size": {"shortest_edge": min(shortest, longest), "longest_edge": longest},
+                "cap_pixels_per_frame": False}
+
+    def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patches of a `num_frames`-frame video of height x width px after the processor's
+        resize, by the processor's own `smart_resize` rule (docs/video.md, "Tokens per frame")."""
+        video_processor = self.processor.video_processor
+        size = self.size_kwargs(num_frames)["size"]
+        patch, temporal = video_processor.patch_size, video_processor.temporal_patch_size
+        factor = patch * video_processor.merge_size
+        if self.budget_per_video:
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+            h, w = smart_resize(num_frames, height, width, temporal, factor,
+                                size["shortest_edge"], size["longest_edge"])
+        else:
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+            h, w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+        return -(-num_frames // temporal), h // patch, w // patch
+
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        if "video_grid_thw" not in inputs:
+            return 0, 0
+        grid = inputs["video_grid_thw"].tolist()
+        # Full-attention vision blocks attend within one temporal patch (h x w patches) at a time.
+        return sum(t * h * w for t, h, w in grid), max(h * w for _, h, w in grid)
+
+    def tokens_per_frame(self, num_frames: int, height: int, width: int) -> float:
+        """Language-model tokens per frame: one per merge x merge patches of each temporal patch."""
+        t, h, w = self.video_grid(num_frames, height, width)
+        return t * h * w / self.processor.video_processor.merge_size ** 2 / num_frames
 
     def embed_prefix(self, inputs: Any) -> Prefix:
         core = self.model.model
