@@ -14,7 +14,7 @@ from test_engine import eval_args, write_dataset
 from duokit.cli import main
 from duokit.data.video import VideoError, frame_size, write_video
 from duokit.data.vnbench import group_samples, load_annotations
-from duokit.engine import NonFiniteLogits, greedy_decode, new_cache, prefill
+from duokit.engine import LM, NonFiniteLogits, SampleInput, greedy_decode
 from duokit.eval_command import largest_frame_size
 from duokit.io import iter_jsonl
 from duokit.methods import get_method
@@ -29,13 +29,14 @@ def test_nan_logits_raise_a_named_error():
     model, _, adapter = tiny("qwen2_5_vl")
     method = get_method("baseline")
     frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
+    lm = LM(model, adapter)
     with method.apply(model, adapter):
-        prefix = adapter.embed_prefix(adapter.build_prefix(frames, 1.0))
-        cache = prefill(adapter, prefix, new_cache(model, adapter, method))
+        prefix = lm.embed(SampleInput(frames, 1.0))
+        cache = lm.prefill(prefix, method.new_cache(lm, prefix))
         handle = nan_head(model)
         try:
             with pytest.raises(NonFiniteLogits, match="NaN/inf logits at decoding step 1 of a torch.float32 model"):
-                greedy_decode(adapter, cache, prefix, adapter.suffix_ids("A?"))
+                greedy_decode(lm, cache, prefix, adapter.suffix_ids("A?"))
         finally:
             handle.remove()
 
