@@ -151,7 +151,7 @@ def load_hf_token() -> str:
 
     try:
         token = userdata.get(TOKEN_ENV)
-    except Exception as err:  # SecretNotFoundError, NotebookAccessError, TimeoutException
+    except Exception as err:  # noqa: BLE001 - SecretNotFoundError, NotebookAccessError, TimeoutException
         return (f"none ({type(err).__name__}); for gated models add a secret named {TOKEN_ENV} in Colab's "
                 "Secrets panel and allow this notebook to read it")
     if not token:
