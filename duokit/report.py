@@ -61,6 +61,21 @@ def eval_row(eval_dir: str | Path, label: str, streaming_heads: float = 0.0,
     }
 
 
+def finished_runs(folder: str | Path) -> list[Path]:
+    """Every eval run directory under `folder` (any depth) that has a summary.json, sorted."""
+    return sorted(path.parent for path in Path(folder).rglob("summary.json") if (path.parent / "config.json").is_file())
+
+
+def run_rows(eval_dirs: list[Path], labels: list[str] | None = None) -> list[dict]:
+    """Rows of any finished eval runs; the streaming share is the run's own `sparsity` setting (0 without one)."""
+    rows = []
+    for k, eval_dir in enumerate(eval_dirs):
+        method = read_json(Path(eval_dir) / "config.json").get("method", {})
+        label = labels[k] if labels else Path(eval_dir).name
+        rows.append(eval_row(eval_dir, label, float(method.get("sparsity", 0.0)), method))
+    return rows
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 

@@ -216,6 +216,19 @@ def flush_drive(drive_path: str | Path = DRIVE_MOUNT) -> bool:
     return True
 
 
+def banner(text: str) -> None:
+    """A message a notebook reader cannot miss (a highlighted block in Jupyter/Colab, framed text elsewhere)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(f"> ⚠️ **{text}**"))
+    rule = "!" * 100
+    print(f"{rule}\n{text}\n{rule}")
+
+
 def pick_device() -> str:
     import torch
 

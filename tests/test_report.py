@@ -69,6 +69,18 @@ def test_write_report(rows, tmp_path):
         assert paths[name].read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_finished_runs_and_their_rows(rows, tmp_path):
+    atomic_write_json(tmp_path / "baseline" / "config.json", {"method": {"name": "baseline"}})
+    atomic_write_json(tmp_path / "duo-0.5" / "config.json", {"method": {"name": "duo", "sparsity": 0.5}})
+    (tmp_path / "unfinished").mkdir()
+    atomic_write_json(tmp_path / "unfinished" / "config.json", {"method": {"name": "baseline"}})
+    runs = report.finished_runs(tmp_path)
+    assert runs == [tmp_path / "baseline", tmp_path / "duo-0.5"]
+    again = report.run_rows(runs)
+    assert [(r["label"], r["streaming_heads"]) for r in again] == [("baseline", 0.0), ("duo-0.5", 0.5)]
+    assert [r["overall"] for r in again] == [r["overall"] for r in rows]
+
+
 def test_coverage_plot(tmp_path):
     path = report.plot_coverage([8, 16, 32], [0.2, 0.6, 1.0], tmp_path / "coverage.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE)
