@@ -40,7 +40,7 @@ def seed_vnbench_on_drive(data: Path, scratch: Path) -> int:
     """ROOT/data/vnbench as `duokit data fetch` leaves it after the first download: annotations file, the
     videos' zip (VNBench_new/…) and the integrity record (their sha256). Returns the number of samples."""
     synth = scratch / "synth"
-    write_synth_set(Synthesizer(SynthConfig(per_task=1, seconds=(4.0, 4.0), size=(64, 48), split="eval", seed=3)),
+    write_synth_set(Synthesizer(SynthConfig(per_task=1, seconds=(12.0, 12.0), size=(64, 48), split="eval", seed=3)),
                     synth, progress=False)
     manifest = mf.load_manifest()
     records = read_json(synth / "annotations.json")
