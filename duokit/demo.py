@@ -257,8 +257,8 @@ def register(subparsers) -> None:
         description="Synthesize a held-out set, evaluate the dense baseline, train DuoAttention gates, evaluate "
                     "DuoAttention, and print/save a table (accuracy, KV memory, latency) with plots. "
                     "Re-running the same command resumes (docs/demo.md).")
-    parser.add_argument("--out", default=None, help="run directory (default: RUN_ROOT/demo, RUN_ROOT = "
-                                                    "MyDrive/duokit on Colab with Drive, else ./runs)")
+    parser.add_argument("--out", default=None, help="run directory (default: ROOT/runs/demo, ROOT = "
+                                                    "MyDrive/duokit on Colab, else $DUOKIT_ROOT or .)")
     parser.add_argument("--frames", type=int, default=32, help="frames sampled per video (default 32)")
     parser.add_argument("--per-task", type=int, default=16, help="held-out samples per sub-task (default 16)")
     parser.add_argument("--gate-steps", type=int, default=OFFICIAL_STEPS,
