@@ -66,7 +66,7 @@ print(describe_runtime())
 # this runtime's Python, torch, CUDA and C++ ABI, within a time limit, and never compiles it (a source
 # build takes hours on Colab). The script comes from a checkout of the repository (cloned here when
 # DUOKIT_REPO is a URL; `git clone --branch` needs DUOKIT_REF to be a branch or tag). Without flash-attn
-# duokit uses PyTorch's sdpa; whether duokit's model loading then picks it is `load_vlm`'s choice.
+# duokit uses PyTorch's sdpa.
 
 # %%
 if FLASH_ATTN:
