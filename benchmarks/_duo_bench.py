@@ -1,7 +1,8 @@
 """Shared pieces of the DuoAttention benchmarks: a mid-size random-init Qwen2 LM, a seeded pattern, prefill.
 
 The model follows issue 5's suggestion (hidden 1024, 8 layers, 16 query / 4 KV heads); the deploy
-setting is the paper's: 50% streaming heads, sink 64, recent 256 (duoattention.md §7–§8).
+setting is the paper's: 50% streaming heads, sink 64, recent 256 (arXiv:2410.10819;
+https://github.com/mit-han-lab/duo-attention).
 """
 
 from __future__ import annotations

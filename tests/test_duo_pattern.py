@@ -25,7 +25,7 @@ from duokit.models.base import Geometry, TokenCounts
 
 
 def official_rule(gates: np.ndarray, sparsity: float) -> np.ndarray:
-    """`sparsify_attention_heads` as duoattention.md §6 describes it, after the official
+    """`sparsify_attention_heads` as the official duo_attn/utils.py defines it, after the official
     `seed_everything(42)`: global-RNG noise U(0, 1e-6), the linear `sparsity` quantile over all heads,
     retrieval iff gate >= threshold. The quantile is interpolated by hand, not with np.quantile."""
     np.random.seed(42)
@@ -94,7 +94,7 @@ def test_round_trip_writes_what_the_official_code_writes(tmp_path):
 
 
 def test_load_clips_like_the_official_loader(tmp_path):
-    # Shipped TSVs hold bf16 gates such as -1.4e-03 (duoattention.md §7).
+    # Shipped TSVs hold bf16 gates such as -1.4e-03 (the official attn_patterns/).
     (tmp_path / GATES_FILE).write_text("9.9e-01\t-1.4e-03\n1.0000000000000002e+00\t5.0e-01\n")
     (tmp_path / CONFIG_FILE).write_text('{"sink_size": 128, "recent_size": 256, "deploy_sink_size": null}')
     assert load_pattern(tmp_path).gates.tolist() == [[0.99, 0.0], [1.0, 0.5]]

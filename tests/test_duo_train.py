@@ -130,7 +130,7 @@ def test_l1_term_is_live_and_is_a_mean():
         gates.gates.mul_(torch.linspace(0.1, 1.0, 12).view(3, 4))
     reg = gates.regularization()
     assert reg.item() == pytest.approx(gates.gates.detach().abs().mean().item())
-    (0.05 * reg).backward()  # the VILA port used `.data` here: no gradient at all (duoattention.md §10)
+    (0.05 * reg).backward()  # a community VLM port (VILA) used `.data` here: no gradient at all
     torch.testing.assert_close(gates.gates.grad, torch.full((3, 4), 0.05 / 12))
 
 

@@ -1,7 +1,7 @@
 """Video frames in and out: H.264 writing, uniform/fps frame sampling, and needle coverage.
 
 Kit code downstream takes pre-decoded uint8 [T, H, W, 3] frames plus their timestamps; this module
-is the only place that touches a decoder (transformers.md §8: torchcodec, else PyAV).
+is the only place that touches a decoder (torchcodec, else PyAV; docs/video.md).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from duokit.io import atomic_output
 
 BACKENDS = ("auto", "torchcodec", "pyav")
 
-# A VNBench needle lasts about 1-2 s (vnbench.md §8 step 3); 1.5 s is the middle of that range.
+# A VNBench needle lasts about 1-2 s (docs/synth.md); 1.5 s is the middle of that range.
 NEEDLE_SECONDS = 1.5
 
 # Frame rate assumed by `coverage_report`, which never opens a video. VNBench haystacks come from
-# ActivityNet, MSR-VTT and NExT (vnbench.md §2), mostly ~30 fps; the exact value moves each sampled
+# ActivityNet, MSR-VTT and NExT (VNBench paper, arXiv:2406.09367), mostly ~30 fps; the exact value moves each sampled
 # timestamp by under one source frame (1/30 s), small next to a 1.5 s needle.
 ASSUMED_FPS = 30.0
 
@@ -94,7 +94,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
 
 
 def uniform_indices(total_frames: int, num_frames: int) -> np.ndarray:
-    """The official VNBench rule (vnbench.md §6, LLaVA example): `np.linspace(0, N-1, n, dtype=int)`.
+    """The official VNBench rule (LLaVA example of github.com/joez17/VideoNIAH): `np.linspace(0, N-1, n, dtype=int)`.
 
     With more frames asked than the video has, indices repeat (as the official code does), so the
     model always sees `num_frames` frames.
@@ -199,7 +199,7 @@ def frame_size(path: str | os.PathLike) -> tuple[int, int]:
 @cache
 def _torchcodec_available() -> bool:
     # torchcodec imports fine but fails to load its library when no system FFmpeg 4-9 is present
-    # (transformers.md §8), so loading the decoder module is the real test.
+    # (https://github.com/pytorch/torchcodec), so loading the decoder module is the real test.
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or RuntimeError/OSError from its FFmpeg libraries
@@ -329,7 +329,7 @@ def coverage_report(
     """Share of samples whose every needle is seen by `num_frames` uniformly sampled frames, without decoding.
 
     Each video is taken to be `length` seconds at `fps` frames per second (VNBench's `length` field,
-    presumably seconds: vnbench.md §4), i.e. round(length * fps) frames, sampled by the official
+    presumably seconds), i.e. round(length * fps) frames, sampled by the official
     uniform rule; frame i sits at i / fps. An answer needs every needle seen, so this share bounds
     the 4-try accuracy a model can reach with this frame budget (up to guessing).
     """

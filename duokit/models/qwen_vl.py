@@ -1,6 +1,6 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one video placeholder expanded by the processor, M-RoPE positions.
 
-Prefix embedding follows reference transformers.md §7 ("Pixel path ≡ embeddings path"): video
+Prefix embedding follows transformers 5.23's own VLM forward (the pixel path equals the embeddings path): video
 features from `get_video_features` scattered into the token embeddings at the video-token positions,
 and `(3, 1, L)` positions from `get_rope_index` (given `mm_token_type_ids`, which Qwen2-VL and Qwen3-VL
 require), with the text after each video placed by the adapter's `text_after_video` rule: "qwen" (Qwen's

@@ -2,7 +2,7 @@
 
 Retrieval heads keep every token; streaming heads keep the first `sink` tokens and the `recent`
 most recent ones, so their memory is really never allocated beyond sink + recent. The recipe is the
-per-head layer of transformers.md §5: `update` returns a `SplitKV` (not a tensor), which the model
+per-head layer of transformers' `Cache` / `CacheLayerMixin` API: `update` returns a `SplitKV` (not a tensor), which the model
 hands unchanged to the `duokit_duo` attention function; eviction happens after the current step.
 Batch size 1 only: no padding masks, no beam search, no cropping.
 """

@@ -1,4 +1,4 @@
-"""DuoAttention gates and the mixed attention they train (duoattention.md §2).
+"""DuoAttention gates and the mixed attention they train (mit-han-lab/duo-attention).
 
 One gate α ∈ [0, 1] per (layer, KV head), initialised at 1. The batch holds the teacher (first half,
 plain causal attention) and the student (second half) — the official "two-way" forward. Each student
@@ -31,7 +31,7 @@ from duokit.methods.attention import select_attention
 
 TRAINING_ATTENTION = "duokit_duo_train"
 VARIANTS = ("paper", "official-teacher")
-# Official `initial_value` (duoattention.md §2, §5); the VILA port's 0.5 is not used.
+# Official `initial_value` (mit-han-lab/duo-attention); the VILA port's 0.5 is not used.
 INITIAL_GATE = 1.0
 
 

@@ -5,7 +5,7 @@ score each (layer, KV head) by the attention mass that the queries predicting an
 keys outside the streaming window (not a sink, not among the `recent` tokens before the query). A head that reads far
 context when answering scores high and is kept as a retrieval head. This is attention-profiling
 identification (FastGen / RazorAttention style), which the DuoAttention paper found worse than its
-optimisation (duoattention.md §3, ablations); the pattern's config.json says so in `method`.
+optimisation (mit-han-lab/duo-attentionablations); the pattern's config.json says so in `method`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DuoAttention gate training on a frozen (video) language model (duoattention.md §2–§5).
+"""DuoAttention gate training on a frozen (video) language model (mit-han-lab/duo-attention).
 
 Per step: one example (train_data.py), doubled into a teacher + student batch; the language model runs
 once with the mixed attention (gates.py); the loss is the MSE between the teacher's and the student's
@@ -32,7 +32,7 @@ from duokit.io import JsonlLog, atomic_write_json, atomic_write_text, iter_jsonl
 if TYPE_CHECKING:  # torch is imported where it is used, so `duokit --help` stays fast
     import torch
 
-# Official defaults actually used (duoattention.md §5, scripts/train.sh and every shipped config.json).
+# Official defaults actually used (mit-han-lab/duo-attentionscripts/train.sh and every shipped config.json).
 OFFICIAL_LR = 0.02
 OFFICIAL_REG_WEIGHT = 0.05
 OFFICIAL_STEPS = 2000
@@ -221,7 +221,7 @@ def pattern_config(settings: TrainSettings, step: int, num_layers: int, num_kv_h
             "num_layers": num_layers, "num_kv_heads": num_kv_heads, "method": "DuoAttention (trained gates)"}
 
 
-# Teacher + student in one batch (the official two-way forward, duoattention.md §2).
+# Teacher + student in one batch (the official two-way forward, mit-han-lab/duo-attention).
 TWO_WAY = 2
 # Text tokens of the chat turns, questions and teacher-forced answers around the video (5 needles).
 TEXT_TOKENS = 300
