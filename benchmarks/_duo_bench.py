@@ -1,7 +1,8 @@
 """Shared pieces of the DuoAttention benchmarks: a mid-size random-init Qwen2 LM, a seeded pattern, prefill.
 
 The model follows issue 5's suggestion (hidden 1024, 8 layers, 16 query / 4 KV heads); the deploy
-setting is the paper's: 50% streaming heads, sink 64, recent 256 (duoattention.md §7–§8).
+setting is the paper's: 50% streaming heads, sink 64, recent 256 (arXiv:2410.10819;
+https://github.com/mit-han-lab/duo-attention).
 """
 
 from __future__ import annotations
@@ -75,12 +76,20 @@ def decode_step(model, cache, token: torch.Tensor) -> torch.Tensor:
     return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
+def lm(model):
+    """The engine's view of the benchmark model (a text LM: no processor needed)."""
+    from duokit.engine import LM
+    from duokit.models.text import TextAdapter
+
+    return LM(model, TextAdapter(model, None))
+
+
 def applied(model, method):
     """`with applied(model, method):` applies `method` (None = the sdpa baseline, nothing to apply)."""
-    return method.apply(model, None) if method else contextlib.nullcontext()
+    return method.apply(model, lm(model).adapter) if method else contextlib.nullcontext()
 
 
 def new_cache(model, method):
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config) if method is None else method.new_cache(model, None)
+    return DynamicCache(config=model.config) if method is None else method.new_cache(lm(model), None)

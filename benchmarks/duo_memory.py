@@ -26,14 +26,12 @@ DECODE_TOKENS = 4
 
 def measure(args: argparse.Namespace) -> dict:
     """One run in this process: the worker side."""
-    import torch
 
     from duokit.metrics import PeakMemory, kv_cache_bytes
 
     model = bench.build_model(args)
     method = bench.make_duo(args) if args.variant == "duo" else None
     ids = bench.token_ids(args.worker_length, args.vocab, args.device)
-    dtype_bytes = torch.finfo(model.dtype).bits // 8
     memory = PeakMemory(args.device)
     with bench.applied(model, method), memory.measure():
         cache = bench.new_cache(model, method)
@@ -41,11 +39,10 @@ def measure(args: argparse.Namespace) -> dict:
         for _ in range(DECODE_TOKENS):
             token = bench.decode_step(model, cache, token)
     tokens = args.worker_length + DECODE_TOKENS
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    formula = (method.estimate_kv_bytes(config.num_hidden_layers, config.num_key_value_heads, head_dim, tokens,
-                                        dtype_bytes) if method else
-               2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * dtype_bytes)
+    from duokit.methods import get_method
+    from duokit.models.base import TokenCounts
+
+    formula = (method or get_method("baseline")).estimate_kv_bytes(bench.lm(model).geometry, TokenCounts(tokens))
     return {"variant": args.variant, "tokens": tokens, "kv_bytes": kv_cache_bytes(cache), "formula_bytes": formula,
             "peak_growth_bytes": memory.growth_bytes, "peak_exact": memory.exact,
             "weights_bytes": sum(p.nbytes for p in model.parameters())}

@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--sink", type=int, default=4)
-    parser.add_argument("--recent", type=int, default=63, help="inference recent window (training window - 1)")
+    parser.add_argument("--recent", type=int, default=63, help="recent tokens before the query a streaming head keeps")
     parser.add_argument("--per-task", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7, help="held-out seed of the search set")
     parser.add_argument("--heldout-seed", type=int, default=None,
@@ -110,7 +110,7 @@ def main() -> None:
         trained_streaming = np.argwhere(~binarize(trained, args.sparsity)[0]).tolist()
     with tempfile.TemporaryDirectory() as scratch, \
             ProcessPoolExecutor(args.workers, initializer=_load, initargs=(args.model, 1)) as pool:
-        paths = [str(save_pattern(Path(scratch) / f"p{k}", gates, args.sink, args.recent + 1))
+        paths = [str(save_pattern(Path(scratch) / f"p{k}", gates, args.sink, args.recent))
                  for k, gates in enumerate(patterns)]
         jobs = [(None, deploy, data)] + [(path, deploy, data) for path in paths]
         scores = list(tqdm(pool.map(_score, jobs), total=len(jobs), desc=f"{len(patterns)} patterns + baseline"))

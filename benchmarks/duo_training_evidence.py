@@ -10,6 +10,9 @@ eval split; the loss is on the hidden state that predicts the answer (`loss_posi
 NeedleNet answers are one word). Evaluation: fresh eval-split samples of every sub-task, the engine's
 prefix-once/4-try greedy decoding with the `duo` method's split KV cache (streaming heads really keep
 sink + recent tokens), the scorer's 4-try circular accuracy with NeedleNet's answer parser.
+
+The evidence in docs/duo_training.md predates the one meaning of `recent` (training then counted the
+query among its recent tokens): its `--recent 16` is this script's `--recent 15`.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def main() -> None:
     results = {"model_md5": md5(Path(resolve_model_path(args.model)) / "model.safetensors"),
                "settings": vars(args), "gates": trained.tolist(), "baseline": scores(get_method("baseline")),
                "trained": {}, "random": {}}
-    deploy = {"sink": args.sink, "recent": args.recent - 1}  # inference window = training window (docs)
+    deploy = {"sink": args.sink, "recent": args.recent}  # `recent` means the same in training and inference
     with tempfile.TemporaryDirectory() as scratch:
         randoms = []
         for k in range(args.random_patterns):

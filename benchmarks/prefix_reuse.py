@@ -25,7 +25,7 @@ def main() -> None:
     import torch
 
     from duokit.data.vnbench import official_prompt, permuted_options
-    from duokit.engine import MAX_NEW_TOKENS, answer_tries
+    from duokit.engine import LM, MAX_NEW_TOKENS, SampleInput, answer_tries
     from duokit.methods import get_method
     from duokit.models import load_vlm
 
@@ -51,7 +51,7 @@ def main() -> None:
 
     def engine() -> list[list[int]]:
         with method.apply(model, adapter):
-            result = answer_tries(model, adapter, method, frames, fps, prompts)
+            result = answer_tries(LM(model, adapter), method, SampleInput(frames, fps), prompts)
         engine.cost = result.cost
         return [answer.tokens for answer in result.answers]
 

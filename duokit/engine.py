@@ -1,28 +1,58 @@
 """The evaluation engine: per sample, prefill the shared video prefix once, then answer each try.
 
-For one VNBench sample: decode the frames once, build the prefix (system turn + video) through the
-real processor, embed it (vision tower once), let the method transform it, prefill it in chunks into
-the method's cache, then for each of the 4 tries deep-copy the prefilled cache, append only that try's
-suffix (question + options + assistant header) and decode greedily (official max_new_tokens=5,
-vnbench.md §6). Positions are passed explicitly on every step (M-RoPE for Qwen-VL), so the engine's
-tokens equal `model.generate` on the full prompt (tests/test_engine.py).
+For one sample: build the prefix (system turn + video) through the real processor, embed it (vision
+tower once), let the method transform it, let the method prefill it (by default in chunks) into the
+method's cache, then for each try deep-copy the prefilled cache, append only that try's suffix
+(question + options + assistant header) and decode greedily (the official VNBench evaluation decodes
+max_new_tokens=5). Positions are passed explicitly on every step (M-RoPE for Qwen-VL), so the engine's
+tokens equal `model.generate` on the full prompt (tests/test_engine.py). A method whose prefix depends
+on the question (`Method.prefix_depends_on_question`) gets one prefix per distinct question, which then
+ends with that question.
+
+The engine knows no method: it calls the hooks of `duokit.methods.base.Method` and measures.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from duokit.metrics import PeakMemory, Stopwatch, kv_cache_bytes
-from duokit.models.base import Prefix
+from duokit.models.base import Geometry, Prefix, TokenCounts
 
-MAX_NEW_TOKENS = 5  # the official LLaVA example decodes greedily with max_new_tokens=5 (vnbench.md §6)
+MAX_NEW_TOKENS = 5  # the official LLaVA example of VNBench decodes greedily with max_new_tokens=5
 DEFAULT_CHUNK_SIZE = 2048  # prefill chunk (tokens): bounds attention-score memory on long videos
+
+
+@dataclass(frozen=True)
+class SampleInput:
+    """What a method sees of a sample: the sampled `frames` (uint8 [T, H, W, 3], None for text-only)
+    at `fps` frames per video second, an optional text `context`, and `question`, the part of the try
+    prompts the tries share ("" unless the method's prefix depends on the question)."""
+
+    frames: np.ndarray | None
+    fps: float | None
+    context: str | None = None
+    question: str = ""
+
+
+@dataclass(frozen=True)
+class Try:
+    """One try: its full `prompt`, which starts with `question`, the part shared by the tries of the
+    same question (VNBench: the question line; the options differ from try to try)."""
+
+    prompt: str
+    question: str = ""
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model produced NaN/inf logits (e.g. Qwen-VL overflowing in float16): argmax would be arbitrary."""
 
 
 @dataclass
@@ -30,6 +60,7 @@ class TryAnswer:
     tokens: list[int]
     text: str
     decode_s: float
+    logits: torch.Tensor | None = None  # (steps, vocab) float32, when asked for
 
 
 @dataclass
@@ -38,42 +69,102 @@ class SampleAnswers:
     cost: dict[str, Any] = field(default_factory=dict)
 
 
-def new_cache(model: Any, adapter: Any, method: Any) -> Any:
-    from transformers import DynamicCache
+class LM:
+    """The language model as the engine and the methods drive it, built from (model, adapter).
 
-    cache = method.new_cache(model, adapter)
-    return DynamicCache(config=adapter.text_config) if cache is None else cache
+    `forward` runs one step through the decoder stack with explicit positions and records the KV
+    bytes the cache holds after it (`kv_bytes_peak`, reset per sample); `prefill` fills a cache chunk
+    by chunk. A method that owns its prefill runs the model through these two, so its peak is measured.
+    """
+
+    def __init__(self, model: Any, adapter: Any):
+        self.model, self.adapter = model, adapter
+        self.kv_bytes_peak = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.adapter.geometry
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The decoder layers (for forward pre-hooks)."""
+        return self.adapter.decoder_layers
+
+    @property
+    def rotary(self) -> torch.nn.Module:
+        """The rotary embedding: `lm.rotary(hidden, position_ids)` -> (cos, sin) for any positions."""
+        return self.adapter.language_model.rotary_emb
+
+    def embed(self, sample: SampleInput) -> Prefix:
+        """The sample's shared prefix through the real processor, embedded (the vision tower runs here)."""
+        inputs = self.adapter.build_prefix(sample.frames, sample.fps, sample.context, sample.question)
+        return self.adapter.embed_prefix(inputs)
+
+    @torch.no_grad()
+    def forward(self, cache: Any, position_ids: torch.Tensor, *, inputs_embeds: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
+        """Hidden states `(1, n, hidden)` of one step; `extra` goes to the language model (and from there
+        to the attention functions and hooks: masks, deepstack rows, a method's own keywords)."""
+        hidden = self.adapter.language_model(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                             position_ids=position_ids, past_key_values=cache, use_cache=True,
+                                             **extra).last_hidden_state
+        self.kv_bytes_peak = max(self.kv_bytes_peak, kv_cache_bytes(cache))
+        return hidden
+
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits `(vocab,)` of the last position (only it is projected)."""
+        return self.adapter.lm_head(hidden[:, -1]).float()[0]
+
+    @torch.no_grad()
+    def prefill(self, prefix: Prefix, cache: Any, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                bounds: Sequence[int] | None = None,
+                chunk_kwargs: Callable[[int, int], dict[str, Any]] | None = None) -> Any:
+        """Run `prefix` through the language model into `cache`, chunk by chunk.
+
+        Chunks end at `bounds` (increasing, the last = the prefix length), by default every `chunk_size`
+        tokens. `chunk_kwargs(start, end)` gives extra inputs for a chunk (a 4-D mask, a BlockMask, a
+        method's own keywords); they are merged over the family's own per-chunk inputs.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        length = prefix.num_tokens
+        ends = list(range(chunk_size, length, chunk_size)) + [length] if bounds is None else list(bounds)
+        if not ends or ends[-1] != length or any(b <= a for a, b in zip([0, *ends], ends)):
+            raise ValueError(f"prefill bounds must increase from above 0 to the prefix length {length}, got {ends}")
+        for start, end in zip([0, *ends], ends):
+            extra = self.adapter.chunk_inputs(prefix, start, end)
+            if chunk_kwargs is not None:
+                extra = {**extra, **chunk_kwargs(start, end)}
+            self.forward(cache, prefix.position_ids[..., start:end], inputs_embeds=prefix.inputs_embeds[:, start:end],
+                         **extra)
+        return cache
 
 
 @torch.no_grad()
-def prefill(adapter: Any, prefix: Prefix, cache: Any, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
-    """Run the prefix through the language model in chunks of `chunk_size` tokens, filling `cache`."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    for start in range(0, prefix.num_tokens, chunk_size):
-        end = min(start + chunk_size, prefix.num_tokens)
-        adapter.language_model(inputs_embeds=prefix.inputs_embeds[:, start:end],
-                               position_ids=prefix.position_ids[..., start:end],
-                               past_key_values=cache, use_cache=True,
-                               **adapter.chunk_inputs(prefix, start, end))
-    return cache
-
-
-@torch.no_grad()
-def greedy_decode(adapter: Any, cache: Any, prefix: Prefix, suffix_ids: torch.Tensor,
-                  max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+def greedy_decode(lm: LM, cache: Any, prefix: Prefix, suffix_ids: torch.Tensor,
+                  max_new_tokens: int = MAX_NEW_TOKENS, logits: list | None = None) -> list[int]:
     """Append `suffix_ids` (1, n) to the `prefix` prefilled in `cache`; decode greedily until an EOS token.
 
     The suffix and then each new token continue one position after another from `prefix.next_position`.
+    Each step's logits are appended to `logits` when given.
     """
-    eos = adapter.eos_token_ids
+    eos = lm.adapter.eos_token_ids
     tokens: list[int] = []
     step_ids, position = suffix_ids, prefix.next_position
     for _ in range(max_new_tokens):
         count = step_ids.shape[1]
-        hidden = adapter.language_model(input_ids=step_ids, position_ids=adapter.positions(position, count),
-                                        past_key_values=cache, use_cache=True).last_hidden_state
-        token = int(adapter.lm_head(hidden[:, -1]).float().argmax(-1))
+        hidden = lm.forward(cache, lm.adapter.positions(position, count), input_ids=step_ids)
+        step_logits = lm.next_token_logits(hidden)
+        if logits is not None:
+            logits.append(step_logits)
+        if not torch.isfinite(step_logits).all():
+            raise NonFiniteLogits(f"NaN/inf logits at decoding step {len(tokens) + 1} of a {hidden.dtype} "
+                                  "model; run in bfloat16 or float32 (--dtype)")
+        token = int(step_logits.argmax(-1))
         tokens.append(token)
         position += count
         if token in eos:
@@ -82,89 +173,108 @@ def greedy_decode(adapter: Any, cache: Any, prefix: Prefix, suffix_ids: torch.Te
     return tokens
 
 
-def answer_tries(model: Any, adapter: Any, method: Any, frames: np.ndarray | None, fps: float | None,
-                 prompts: list[str], context: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 max_new_tokens: int = MAX_NEW_TOKENS) -> SampleAnswers:
-    """Answer `prompts` (the tries) about one shared prefix: the video `frames` and/or a text `context`.
+@contextmanager
+def count_layer_tokens(layers: Sequence[torch.nn.Module]) -> Iterator[list[int]]:
+    """Within the block, `counts[l]` adds up the tokens (hidden-state rows) entering decoder layer l."""
+    counts = [0] * len(layers)
 
-    Must run inside `with method.apply(model, adapter):`. Returns the answers and the sample's costs.
+    def counter(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            counts[index] += hidden.shape[1]
+        return hook
+
+    handles = [layer.register_forward_pre_hook(counter(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def answer_tries(lm: LM, method: Any, sample: SampleInput, tries: Sequence[Try | str],
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
+                 keep_logits: bool = False) -> SampleAnswers:
+    """Answer `tries` (a `Try`, or a prompt string) about one shared prefix: `sample`'s video and/or
+    text context. Must run inside `with method.apply(lm.model, lm.adapter):`. Returns the answers (with
+    each step's logits if `keep_logits`) and the sample's costs (docs/metrics.md).
     """
-    device = model.device
-    vision, prefill_watch = Stopwatch(device), Stopwatch(device)
-    memory = PeakMemory(str(device))
+    method.check_applied(lm.model)
+    tries = [t if isinstance(t, Try) else Try(t) for t in tries]
+    groups: dict[str, list[int]] = {}
+    for index, one_try in enumerate(tries):  # one prefix per question, or one for all
+        groups.setdefault(one_try.question if method.prefix_depends_on_question else "", []).append(index)
+    answers: list[TryAnswer | None] = [None] * len(tries)
+    costs = []
+    memory = PeakMemory(str(lm.device))
     with memory.measure():
-        with vision:
-            inputs = adapter.build_prefix(frames, fps, context)
-            prefix = adapter.embed_prefix(inputs)
-        input_video_tokens = prefix.num_video_tokens
-        prefix = method.prepare_prefix(prefix, model, adapter)
-        with prefill_watch:
-            cache = prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size)
-        kv_bytes = kv_cache_bytes(cache)
-        answers = []
-        for prompt in prompts:
-            suffix = adapter.suffix_ids(prompt, frames is not None, context)
-            with Stopwatch(device) as decode:
-                tokens = greedy_decode(adapter, copy.deepcopy(cache), prefix, suffix, max_new_tokens)
-            text = adapter.tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append(TryAnswer(tokens, text, decode.seconds))
+        for question, indices in groups.items():
+            view = replace(sample, question=question)
+            group_answers, cost = _answer_group(lm, method, view, [tries[i] for i in indices], chunk_size,
+                                                max_new_tokens, keep_logits)
+            for index, answer in zip(indices, group_answers):
+                answers[index] = answer
+            costs.append(cost)
+    cost = {key: sum(c[key] for c in costs) if key in ADDITIVE_COSTS else max(c[key] for c in costs)
+            for key in costs[0]}
     new_tokens = sum(len(a.tokens) for a in answers)
-    cost = {
-        "frames": 0 if frames is None else len(frames),
-        "input_video_tokens": input_video_tokens,
-        "video_tokens": prefix.num_video_tokens,
-        "prefix_tokens": prefix.num_tokens,
-        "kv_bytes": kv_bytes,
+    cost.update({
+        "frames": 0 if sample.frames is None else len(sample.frames),
+        "prefills": len(groups),
         "peak_memory_bytes": memory.peak_bytes,
         "peak_memory_growth_bytes": memory.growth_bytes,
         "peak_memory_exact": memory.exact,
-        "vision_s": vision.seconds,
-        "prefill_s": prefill_watch.seconds,
         # Each try's first step also runs its suffix; that time counts as decoding, as in generate.
         "decode_s_per_token": sum(a.decode_s for a in answers) / max(new_tokens, 1),
-    }
+    })
     return SampleAnswers(answers, cost)
 
 
-# ---------------------------------------------------------------------------------------------
-# VNBench samples.
-
-def sampled_fps(timestamps: np.ndarray, source_fps: float) -> float:
-    """Frames per video second of uniformly sampled frames (the source fps for a single frame)."""
-    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
-        return (len(timestamps) - 1) / float(timestamps[-1] - timestamps[0])
-    return float(source_fps)
+# Costs that add up over a sample's prefills (one per question); the others are maxima.
+ADDITIVE_COSTS = ("vision_s", "prefill_s", "attention_flops", "mlp_flops", "visual_token_layers",
+                  "tokens_per_layer_total")
 
 
-def evaluate_sample(model: Any, adapter: Any, method: Any, sample: Any, video_dir: str | Path,
-                    num_frames: int, parser: str = "official", chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    max_new_tokens: int = MAX_NEW_TOKENS,
-                    skip: set[str] | frozenset = frozenset()) -> list[dict]:
-    """Prediction records (duokit.data.scoring) for the tries of `sample` not in `skip` (record ids).
-
-    A video that cannot be found or decoded, or a sample that runs out of GPU memory, gives records
-    with `error` set (scored as wrong) instead of stopping the run.
-    """
-    from duokit.data.scoring import prediction_record
-    from duokit.data.video import VideoError, load_frames, needle_coverage
-    from duokit.data.vnbench import resolve_video
-
-    tries = [record for record in sample.tries if record.record_id not in skip]
-    if not tries:
-        return []
-    try:
-        video = load_frames(resolve_video(sample.video_name, video_dir), num_frames=num_frames)
-        result = answer_tries(model, adapter, method, video.frames,
-                              sampled_fps(video.timestamps, video.fps), [record.prompt for record in tries],
-                              chunk_size=chunk_size, max_new_tokens=max_new_tokens)
-    except (VideoError, OSError, torch.OutOfMemoryError) as err:
-        if isinstance(err, torch.OutOfMemoryError):
-            torch.cuda.empty_cache()
-        error = f"{type(err).__name__}: {err}"
-        return [prediction_record(record, None, parser, error=error) for record in tries]
-    coverage = needle_coverage(sample.needle_time, video.timestamps)
-    cost = {**result.cost, "needle_frames": list(coverage.frames_per_needle),
-            "needles_missed": len(coverage.missed)}
-    return [prediction_record(record, answer.text, parser, output_tokens=answer.tokens,
-                              cost={**cost, "decode_s": answer.decode_s})
-            for record, answer in zip(tries, result.answers)]
+def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], chunk_size: int,
+                  max_new_tokens: int, keep_logits: bool) -> tuple[list[TryAnswer], dict[str, Any]]:
+    """The tries sharing one prefix: embed, prepare, prefill once, then each try on a copy of the cache."""
+    vision, prefill_watch = Stopwatch(lm.device), Stopwatch(lm.device)
+    lm.kv_bytes_peak = 0
+    with vision:
+        prefix = lm.embed(sample)
+    built = prefix.token_counts  # as the adapter built it, before the method acted
+    prefix = method.prepare_prefix(prefix, sample, lm)
+    cache = method.new_cache(lm, prefix)
+    with prefill_watch, count_layer_tokens(lm.layers) as tokens_per_layer:
+        cache = method.prefill(lm, prefix, cache, chunk_size)
+    kv_bytes = kv_cache_bytes(cache)
+    answers, longest_try = [], 0
+    with_video = sample.frames is not None
+    for one_try in tries:
+        suffix = lm.adapter.suffix_ids(one_try.prompt, with_video, sample.context, sample.question)
+        logits: list | None = [] if keep_logits else None
+        with Stopwatch(lm.device) as decode:
+            tokens = greedy_decode(lm, copy.deepcopy(cache), prefix, suffix, max_new_tokens, logits)
+        # The cache saw the suffix and every generated token but the last (never fed back).
+        longest_try = max(longest_try, suffix.shape[1] + len(tokens) - 1)
+        text = lm.adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+        answers.append(TryAnswer(tokens, text, decode.seconds, torch.stack(logits) if keep_logits else None))
+    geometry = lm.geometry
+    at_peak = TokenCounts(built.text + longest_try, built.video, built.video_grids)
+    text_tokens = prefix.num_tokens - prefix.num_video_tokens
+    cost = {
+        "input_video_tokens": built.video,
+        "video_tokens": prefix.num_video_tokens,
+        "prefix_tokens": prefix.num_tokens,
+        "kv_bytes": kv_bytes,
+        "kv_bytes_peak": lm.kv_bytes_peak,
+        "kv_bytes_planned": method.estimate_kv_bytes(geometry, at_peak),
+        "tokens_per_layer": tokens_per_layer,
+        "tokens_per_layer_total": sum(tokens_per_layer),
+        # Methods act on video tokens: what a layer ran on beyond the prefix's text tokens is video.
+        "visual_token_layers": sum(max(0, n - text_tokens) for n in tokens_per_layer),
+        **method.estimate_prefill_flops(geometry, tokens_per_layer),
+        "vision_s": vision.seconds,
+        "prefill_s": prefill_watch.seconds,
+    }
+    return answers, cost

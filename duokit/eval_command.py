@@ -15,12 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Config keys that decide what the predictions are; a resumed run must agree on all of them.
+# Config keys that decide what the predictions are; a resumed run must agree on all of them. The chunk
+# size is one: a method may attend differently per chunk (duo's full_first_chunk).
 RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_new_tokens",
-                "dtype", "samples")
+                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size")
 
-# Method-setting flags (`--method duo --pattern DIR --sparsity 0.5 --sink 64 --recent 256`, issue 5).
-METHOD_FLAGS = {"pattern": str, "sparsity": float, "sink": int, "recent": int}
+# Short flags kept from before `--set` existed (`--pattern DIR --sparsity 0.5 --sink 64 --recent 256`):
+# each is `--set NAME=VALUE`, typed and checked by whichever method is chosen. Method classes are not
+# read here, so `--help` stays free of torch.
+SETTING_SHORTCUTS = ("pattern", "sparsity", "sink", "recent")
 
 
 def register(subparsers) -> None:
@@ -35,10 +38,11 @@ def register(subparsers) -> None:
                         help="hub id, local directory, or tiny:<family> "
                              "(default: duokit.models.DEFAULT_MODEL, Qwen/Qwen2.5-VL-3B-Instruct)")
     parser.add_argument("--method", default="baseline", help="method name (default: baseline)")
-    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                        help="a method setting (repeatable); VALUE is parsed as JSON when it parses")
-    for flag, kind in METHOD_FLAGS.items():  # shortcuts for --setting KEY=VALUE (the duo method's settings)
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"same as --setting {flag}=VALUE")
+    parser.add_argument("--set", "--setting", dest="setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method setting (repeatable), typed from the method's settings; an unknown "
+                             "KEY lists the valid ones")
+    for name in SETTING_SHORTCUTS:
+        parser.add_argument(f"--{name}", default=None, metavar="VALUE", help=f"same as --set {name}=VALUE")
     parser.add_argument("--annotations", required=True, help="VNBench annotation JSON")
     parser.add_argument("--videos", required=True, help="folder holding the videos")
     parser.add_argument("--frames", type=int, required=True, help="frames sampled uniformly per video")
@@ -51,21 +55,37 @@ def register(subparsers) -> None:
                         help="answer parser (docs/scoring.md; default: the model's own, e.g. text for needlenet, "
                              "else official)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on sm80+; fp32 on CPU; on T4 fp16, fp32 for Qwen-VL) | float32 | float16 "
+                             "| bfloat16; the run records the resolved dtype")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_video_options(parser)
     parser.set_defaults(func=run)
 
 
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
+def add_video_options(parser: argparse.ArgumentParser) -> None:
+    """--max-pixels/--min-pixels (pixels per frame, docs/video.md) and --attn-implementation."""
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="pixels per frame the processor resizes frames down to (Qwen-VL; default 200704 = "
+                             "448x448, 128 tokens/frame on Qwen2.5-VL, or the model's own cap if lower; "
+                             "docs/video.md)")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="pixels per frame small frames are resized up to (Qwen-VL; default: the model's own)")
+    parser.add_argument("--attn-implementation", default="auto",
+                        choices=("auto", "sdpa", "flash_attention_2", "eager"),
+                        help="attention kernel of the vision tower and of methods that keep the model's own "
+                             "attention (default auto: flash_attention_2 when flash_attn is installed on an "
+                             "sm80+ GPU in fp16/bf16, else sdpa)")
+
+
+def parse_settings(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as text; the method types them from its dataclass fields (`get_method`)."""
+    settings: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--setting {pair!r}: expected KEY=VALUE")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        settings[key] = value
     return settings
 
 
@@ -96,63 +116,106 @@ def check_config(out: Path, config: dict) -> dict:
         previous = read_json(path)
         changed = [key for key in RUN_IDENTITY if previous.get(key) != config.get(key)]
         if changed:
+            values = "; ".join(f"{key}: {previous.get(key)!r} -> {config.get(key)!r}" for key in changed
+                               if key != "samples")
             raise ValueError(f"{path}: this run directory holds a different run (differs in: "
-                             f"{', '.join(changed)}); use a new --out, or delete the directory to start over")
+                             f"{', '.join(changed)}{'; ' + values if values else ''}); use a new --out, "
+                             "or delete the directory to start over")
     return config
 
 
-def probe_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
-    """(height, width) of the first decodable video, for the memory planner (its default if none)."""
-    from duokit.data.video import VideoError, load_frames
+def largest_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
+    """(height, width) of the largest frames (by pixel count) among the samples' readable videos, from
+    their headers, for the memory planner (its default if none is readable)."""
+    from duokit.data.video import VideoError, frame_size
     from duokit.data.vnbench import resolve_video
     from duokit.metrics import DEFAULT_FRAME_SIZE
 
-    for sample in samples:
+    sizes = []
+    for name in sorted({sample.video_name for sample in samples}):
         try:
-            frame = load_frames(resolve_video(sample.video_name, videos), num_frames=1).frames[0]
+            sizes.append(frame_size(resolve_video(name, videos)))
         except (VideoError, OSError):
-            continue
-        return frame.shape[0], frame.shape[1]
-    return DEFAULT_FRAME_SIZE
+            continue  # the sample is recorded as an error when it is evaluated
+    return max(sizes, key=lambda size: size[0] * size[1], default=DEFAULT_FRAME_SIZE)
 
 
 def summarize_cost(records: list[dict]) -> dict:
-    """Run-level costs from the per-sample costs in the prediction records (docs/metrics.md)."""
+    """Run-level costs from the per-sample costs in the prediction records (docs/metrics.md): for every
+    numeric key any sample has, its mean over the samples that have it and `<key>_max`; for every
+    boolean key, whether it holds for all; `needle_coverage` from `needles_missed`. A method's own cost
+    keys are aggregated like the rest."""
     per_sample = {r["sample_id"]: r["cost"] for r in records if r.get("cost")}
     n_errors = len({r["sample_id"] for r in records if r.get("error")})
-    if not per_sample:
-        return {"n_samples": 0, "n_errors": n_errors}
+    summary: dict[str, Any] = {"n_samples": len(per_sample), "n_errors": n_errors}
     costs = list(per_sample.values())
+    keys = sorted({key for cost in costs for key in cost})
+    for key in keys:
+        values = [cost[key] for cost in costs if key in cost]
+        if all(isinstance(v, bool) for v in values):
+            summary[key] = all(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            summary[key] = sum(values) / len(values)
+            summary[f"{key}_max"] = max(values)
+    if any("needles_missed" in cost for cost in costs):
+        covered = [cost["needles_missed"] == 0 for cost in costs if "needles_missed" in cost]
+        summary["needle_coverage"] = sum(covered) / len(covered)
+    return summary
 
-    def mean(key: str) -> float:
-        return sum(c[key] for c in costs) / len(costs)
 
-    return {
-        "n_samples": len(costs),
-        "n_errors": n_errors,
-        "frames": mean("frames"),
-        "video_tokens": mean("video_tokens"),
-        "input_video_tokens": mean("input_video_tokens"),
-        "prefix_tokens": mean("prefix_tokens"),
-        "kv_bytes": mean("kv_bytes"),
-        "kv_bytes_max": max(c["kv_bytes"] for c in costs),
-        "peak_memory_bytes_max": max(c["peak_memory_bytes"] for c in costs),
-        "peak_memory_growth_bytes_max": max(c["peak_memory_growth_bytes"] for c in costs),
-        "peak_memory_exact": all(c["peak_memory_exact"] for c in costs),
-        "vision_s": mean("vision_s"),
-        "prefill_s": mean("prefill_s"),
-        "decode_s_per_token": mean("decode_s_per_token"),
-        "needle_coverage": sum(c["needles_missed"] == 0 for c in costs) / len(costs),
-    }
+def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, num_frames: int,
+                    parser: str = "official", chunk_size: int | None = None, max_new_tokens: int | None = None,
+                    skip: set[str] | frozenset = frozenset()) -> list[dict]:
+    """Prediction records (duokit.data.scoring) for the tries of VNBench `sample` not in `skip` (record ids).
+
+    A video that cannot be found or decoded, a sample that runs out of GPU memory, or NaN/inf logits give
+    records with `error` set (scored as wrong, counted in n_errors) instead of stopping the run.
+    """
+    import torch
+
+    from duokit.data.scoring import prediction_record
+    from duokit.data.video import VideoError, load_frames, needle_coverage, sampled_fps
+    from duokit.data.vnbench import question_part, resolve_video
+    from duokit.engine import (
+        DEFAULT_CHUNK_SIZE,
+        MAX_NEW_TOKENS,
+        NonFiniteLogits,
+        SampleInput,
+        Try,
+        answer_tries,
+    )
+
+    tries = [record for record in sample.tries if record.record_id not in skip]
+    if not tries:
+        return []
+    try:
+        video = load_frames(resolve_video(sample.video_name, video_dir), num_frames=num_frames)
+        result = answer_tries(lm, method, SampleInput(video.frames, sampled_fps(video.timestamps, video.fps)),
+                              [Try(record.prompt, question_part(record.question)) for record in tries],
+                              chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                              max_new_tokens=max_new_tokens or MAX_NEW_TOKENS)
+    except (VideoError, OSError, torch.OutOfMemoryError, NonFiniteLogits) as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        error = f"{type(err).__name__}: {err}"
+        return [prediction_record(record, None, parser, error=error) for record in tries]
+    coverage = needle_coverage(sample.needle_time, video.timestamps)
+    cost = {**result.cost, "needle_frames": list(coverage.frames_per_needle),
+            "needles_missed": len(coverage.missed)}
+    return [prediction_record(record, answer.text, parser, output_tokens=answer.tokens,
+                              cost={**cost, "decode_s": answer.decode_s})
+            for record, answer in zip(tries, result.answers)]
 
 
 def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str | Path, model: str | None = None,
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
-             device: str = "auto", max_new_tokens: int | None = None) -> dict:
+             device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
+             min_pixels: int | None = None, attn_implementation: str = "auto") -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
-    settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`).
+    settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
+    `duokit.models.load_vlm`).
 
     Everything that can be checked is checked before RUN/config.json is written: the arguments, an
     existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
@@ -160,11 +223,12 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     from tqdm.auto import tqdm
 
     from duokit.data.scoring import PARSERS, score_predictions
-    from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS, evaluate_sample
+    from duokit.engine import DEFAULT_CHUNK_SIZE, LM, MAX_NEW_TOKENS
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
     from duokit.metrics import plan_memory, warn_if_too_big
-    from duokit.models import DEFAULT_MODEL, answer_parser, load_vlm
+    from duokit.models import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, answer_parser, load_vlm, resolve_precision
+    from duokit.models.loading import device_kind, pick_attn_implementation
 
     model_name = model or DEFAULT_MODEL
     parser = parser or answer_parser(model_name)  # the answer mode recorded with the model (duokit.json)
@@ -179,13 +243,18 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
+    # The run records what "auto" resolves to here, so a resume on a GPU of another precision is refused.
+    device, dtype = resolve_precision(model_name, dtype, device)
+    attn_implementation = pick_attn_implementation(device, dtype, attn_implementation)
     out = Path(out)
     config = check_config(out, {
         "model": model_name, "method": method_instance.settings(),
         "annotations": str(Path(annotations).resolve()),
         "videos": str(Path(videos).resolve()), "frames": frames, "per_task": per_task,
         "seed": seed, "parser": parser, "max_new_tokens": max_new_tokens,
-        "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": device_kind(device),
+        "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "min_pixels": min_pixels,
+        "attn_implementation": attn_implementation,
         "samples": [sample.sample_id for sample in samples], "versions": versions(),
     })
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
@@ -194,17 +263,20 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     if not todo:
         atomic_write_json(out / "config.json", config)
     else:
-        vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device)
+        vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device, max_pixels=max_pixels,
+                                   min_pixels=min_pixels, attn_implementation=attn_implementation)
         # Entering `apply` checks the method against the model, so a bad method leaves no run directory.
         with method_instance.apply(vlm, adapter):
             atomic_write_json(out / "config.json", config)
-            height, width = probe_frame_size(todo, videos)
-            plan = plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size)
+            height, width = largest_frame_size(todo, videos)
+            plan = plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size,
+                               max_new_tokens=max_new_tokens)
             print(plan.describe(), file=sys.stderr)
             warn_if_too_big(plan)
             bar = tqdm(todo, desc="eval", unit="sample", initial=len(samples) - len(todo), total=len(samples))
+            lm = LM(vlm, adapter)
             for sample in bar:
-                records = evaluate_sample(vlm, adapter, method_instance, sample, videos, frames, parser, chunk_size,
+                records = evaluate_sample(lm, method_instance, sample, videos, frames, parser, chunk_size,
                                           max_new_tokens, skip=log.done)
                 for record in records:
                     log.append(record)
@@ -219,12 +291,13 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        flags = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag) is not None}
+        flags = {name: getattr(args, name) for name in SETTING_SHORTCUTS if getattr(args, name) is not None}
         summary = run_eval(args.annotations, args.videos, args.frames, args.out, model=args.model,
                            method=args.method, settings={**parse_settings(args.setting), **flags},
                            per_task=args.per_task, seed=args.seed, chunk_size=args.chunk_size,
                            parser=args.parser, dtype=args.dtype, device=args.device,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
+                           min_pixels=args.min_pixels, attn_implementation=args.attn_implementation)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1

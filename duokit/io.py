@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,3 +117,26 @@ class JsonlLog:
             os.fsync(handle.fileno())
         self.records.append(record)
         self.done.add(key)
+
+
+def copy_folder(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy the folder `src` to `dest` through a temp folder beside `dest` and renames, so `dest` is either
+    its old content or the complete copy (a reader on Drive never sees half a pattern)."""
+    src, dest = Path(src), Path(dest)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a folder, nothing to copy")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

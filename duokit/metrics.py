@@ -131,10 +131,13 @@ class MemoryPlan:
     prefix_tokens: int
     video_tokens: int
     available_bytes: int | None  # GPU memory (or available RAM on CPU); None when unknown
+    vision_bytes: int = 0  # the vision tower's transient activations, before the prefill (none of its KV)
+    attention_kernel: str = "math"  # what the language model's attention materialises (attention_kernel)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.activation_bytes
+        # The vision tower runs and frees its activations before the first prefill chunk.
+        return self.weights_bytes + max(self.vision_bytes, self.kv_bytes + self.activation_bytes)
 
     @property
     def fits(self) -> bool:
@@ -145,9 +148,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         where = "unknown" if self.available_bytes is None else format_bytes(self.available_bytes)
-        return (f"memory plan: weights {format_bytes(self.weights_bytes)} + KV {format_bytes(self.kv_bytes)} "
-                f"+ activations ~{format_bytes(self.activation_bytes)} = {format_bytes(self.total_bytes)} "
-                f"(prefix {self.prefix_tokens} tokens, {self.video_tokens} video); available {where}")
+        return (f"memory plan: weights {format_bytes(self.weights_bytes)} + max(vision tower "
+                f"~{format_bytes(self.vision_bytes)}, KV {format_bytes(self.kv_bytes)} + activations "
+                f"~{format_bytes(self.activation_bytes)}) = {format_bytes(self.total_bytes)} (prefix "
+                f"{self.prefix_tokens} tokens, {self.video_tokens} video; {self.attention_kernel} attention); "
+                f"available {where}")
 
 
 def format_bytes(count: int) -> str:
@@ -161,33 +166,69 @@ def dtype_bytes(model: Any) -> int:
     return torch.finfo(model.dtype).bits // 8
 
 
-def estimate_kv_bytes(adapter: Any, method: Any, num_tokens: int, dtype_size: int) -> int:
-    """KV bytes `method` keeps for `num_tokens` tokens of `adapter`'s language model."""
-    return method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, num_tokens,
-                                    dtype_size)
+def planned_kv_bytes(adapter: Any, method: Any, tokens: Any) -> int:
+    """KV bytes `method` keeps at its peak for `tokens` (`duokit.models.TokenCounts`) on `adapter`'s model."""
+    return method.estimate_kv_bytes(adapter.geometry, tokens)
 
 
 def available_memory_bytes(device: torch.device | str) -> int | None:
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cuda":  # None when planning a GPU run on a machine without one
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
     kib = _proc_kib(PROC_MEMINFO, "MemAvailable")
     return None if kib is None else kib * 1024
 
 
+def attention_kernel(implementation: str, device: torch.device | str) -> str:
+    """What an attention implementation runs as: "flash" (flash-attn 2), "efficient" (sdpa on CUDA picks
+    the flash or memory-efficient kernel, masks included; neither materialises the scores) or "math"
+    (eager attention, and the planner's bound on CPU, where the scores may be materialised)."""
+    if implementation == "flash_attention_2":
+        return "flash"
+    if implementation == "eager" or torch.device(device).type != "cuda":
+        return "math"
+    return "efficient"  # sdpa, and duokit's own functions, which call sdpa
+
+
+def vision_activation_bytes(vision_config: Any, patches: int, group: int, input_dim: int, size: int,
+                            kernel: str) -> int:
+    """Transient memory of one no-grad vision-tower pass over `patches` patches: the fp32 pixel input and
+    its cast, ~8 hidden-size and 3 intermediate-size buffers per patch (residual, norm, q/k/v with their
+    rotary copies, attention output; MLP gate/up/product) and, under the math kernel, the fp32 scores and
+    softmax of the largest attention group (`group` patches, all heads)."""
+    if not patches:
+        return 0
+    hidden = getattr(vision_config, "embed_dim", None) or vision_config.hidden_size
+    intermediate = getattr(vision_config, "intermediate_size", None) or hidden * getattr(vision_config,
+                                                                                          "mlp_ratio", 4)
+    heads = getattr(vision_config, "num_heads", None) or vision_config.num_attention_heads
+    scores = 2 * heads * group * group * 4 if kernel == "math" else 0
+    return patches * input_dim * (4 + size) + patches * (8 * hidden + 3 * int(intermediate)) * size + scores
+
+
 def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
                 frame_height: int = DEFAULT_FRAME_SIZE[0], frame_width: int = DEFAULT_FRAME_SIZE[1],
-                chunk_size: int = 2048, suffix_tokens: int = 256, max_new_tokens: int = 5) -> MemoryPlan:
+                chunk_size: int | None = None, suffix_tokens: int = 256, max_new_tokens: int | None = None,
+                device: torch.device | str | None = None) -> MemoryPlan:
     """Estimate the memory of evaluating one sample: weights + KV + activations.
 
     The prefix token count is exact: the real processor runs on `num_frames` black frames of the given
-    size (default: an assumed 640x360; `duokit eval` passes the size of the first video). Activations
-    are an upper-bound heuristic for one prefill chunk: attention scores as the math sdpa kernel
-    materialises them (fp32), the MLP's intermediate states and a few hidden-size buffers, plus the
-    prefix embeddings; the vision tower is not counted (docs/metrics.md).
+    size with the adapter's pixel limits (default: an assumed 640x360; `duokit eval` passes the largest
+    video's size). Activations are an upper-bound heuristic for one prefill chunk: attention scores
+    (fp32) only where the kernel materialises them (`attention_kernel`), the MLP's intermediate states
+    and a few hidden-size buffers, plus the prefix embeddings. The vision tower's transient activations
+    (`vision_activation_bytes`) come before the prefill (docs/metrics.md). `device` (default: the
+    model's) decides the kernels and the memory available: a GPU run can be planned on the meta device.
     """
     import numpy as np
 
+    from duokit.engine import DEFAULT_CHUNK_SIZE, MAX_NEW_TOKENS
+    from duokit.models.base import TokenCounts
+
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     frames = None
     if adapter.is_multimodal:
         frames = np.zeros((num_frames, frame_height, frame_width, 3), dtype=np.uint8)
@@ -197,19 +238,31 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     size = dtype_bytes(model)
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
-    kv = (estimate_kv_bytes(adapter, method, prefix_tokens, size)
-          + estimate_kv_bytes(adapter, method, try_tokens, size))
+    prefix_counts = TokenCounts(prefix_tokens - video_tokens, video_tokens, adapter.video_grids(inputs))
+    try_counts = TokenCounts(try_tokens - video_tokens, video_tokens, prefix_counts.video_grids)
+    kv = planned_kv_bytes(adapter, method, prefix_counts) + planned_kv_bytes(adapter, method, try_counts)
     config = adapter.text_config
     chunk = min(chunk_size, prefix_tokens)
-    scores = chunk * try_tokens * adapter.num_heads * 4
+    device = model.device if device is None else torch.device(device)
+    kernel = attention_kernel(config._attn_implementation, device)
+    scores = chunk * try_tokens * adapter.num_heads * 4 if kernel == "math" else 0
     mlp = chunk * config.intermediate_size * 3 * size
     hidden = chunk * config.hidden_size * 8 * size
     embeds = prefix_tokens * config.hidden_size * size
     logits = config.vocab_size * 4  # the engine projects only the last position, in fp32 for argmax
+    vision = 0
+    patches, group = adapter.vision_sequence(inputs)
+    if patches:
+        vision_config = model.config.vision_config
+        pixels = inputs["pixel_values_videos"]
+        input_dim = pixels.shape[-1] if pixels.dim() == 2 else pixels[0, 0].numel() // group
+        vision_kernel = attention_kernel(vision_config._attn_implementation, device)
+        vision = embeds + vision_activation_bytes(vision_config, patches, group, input_dim, size, vision_kernel)
     return MemoryPlan(weights_bytes=weights, kv_bytes=kv,
                       activation_bytes=scores + mlp + hidden + embeds + logits,
                       prefix_tokens=prefix_tokens, video_tokens=video_tokens,
-                      available_bytes=available_memory_bytes(model.device))
+                      available_bytes=available_memory_bytes(device), vision_bytes=vision,
+                      attention_kernel=kernel)
 
 
 def warn_if_too_big(plan: MemoryPlan) -> bool:

@@ -1,7 +1,12 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: L4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -9,58 +14,63 @@
 # ---
 
 # %% [markdown]
-# # 00 · Set up the runtime
+# # 00 · Check the runtime (optional)
 #
-# Run this first, once per Colab session. It makes `duokit` importable (installing it and its
-# requirements when needed), reports the Python/torch/transformers versions and the GPU, picks the
-# dtype the later notebooks use, and mounts Google Drive so long runs checkpoint somewhere that
-# survives a disconnect. On a local JupyterLab or a course lab it only reports: install with
-# `pip install -e ".[dev]"` from the repository instead.
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/REPLACE-WITH-GITHUB-OWNER/duokit/blob/main/notebooks/00_setup.ipynb)
+#
+# Every notebook prepares its own VM in its first cells (on Colab each notebook runs on a VM of its own):
+# it installs duokit when it is missing, mounts Google Drive and creates duokit's folders on it. This
+# notebook does only that and reports what the VM offers — Python, torch, transformers, the GPU and the
+# dtype duokit would pick — plus, if asked, the optional flash-attn from a prebuilt wheel.
+#
+# **Needs:** nothing. **Writes:** the empty layout `MyDrive/duokit/{data,runs,patterns}` on Colab (the
+# current folder elsewhere). On a local JupyterLab install duokit yourself first (`pip install -e ".[dev]"`
+# in the repository); Drive is then not used.
 
 # %% tags=["parameters"]
-# Where the duokit repository lives on Colab. Leave DUOKIT_REPO_URL empty if you uploaded or cloned
-# the repository yourself to DUOKIT_DIR (for instance from your Drive).
-DUOKIT_REPO_URL = ""
-DUOKIT_DIR = "/content/duokit"
-MOUNT_DRIVE = True
-FLASH_ATTN = False  # flash-attn is optional; duokit runs on sdpa without it
+DUOKIT_REPO = "https://github.com/REPLACE-WITH-GITHUB-OWNER/duokit"  # or a local checkout's folder
+DUOKIT_REF = "main"        # branch, tag or commit that pip installs when duokit is missing
+MOUNT_DRIVE = True         # Colab: keep data and runs on Google Drive
+FLASH_ATTN = False         # try a prebuilt flash-attn wheel for this runtime (never a source build)
 
 # %% [markdown]
-# On Colab, `setup_colab.sh` installs the requirements without touching Colab's own torch,
-# torchvision and torchcodec (re-installing them breaks their CUDA match). It is safe to re-run.
+# Set up this VM: install duokit if it is missing, mount Drive, create duokit's folders, read a Hub token
+# from Colab's secrets (`HF_TOKEN`) if there is one.
 
 # %%
+import importlib.util
 import os
 import subprocess
 import sys
 
-IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:
-    if not os.path.isdir(DUOKIT_DIR):
-        if not DUOKIT_REPO_URL:
-            raise SystemExit(f"duokit is not at {DUOKIT_DIR}: set DUOKIT_REPO_URL to the repository's git URL, "
-                             "or upload the repository there, then re-run this cell.")
-        subprocess.run(["git", "clone", "--depth", "1", DUOKIT_REPO_URL, DUOKIT_DIR], check=True)
-    flags = ["--flash-attn"] if FLASH_ATTN else []
-    subprocess.run(["bash", "setup_colab.sh", *flags], cwd=DUOKIT_DIR, check=True)
-    sys.path.insert(0, DUOKIT_DIR)
+if importlib.util.find_spec("duokit") is None:  # a fresh Colab VM
+    source = DUOKIT_REPO if os.path.isdir(DUOKIT_REPO) else f"git+{DUOKIT_REPO}@{DUOKIT_REF}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", source], check=True)
+    importlib.invalidate_caches()
+
+from duokit.runtime import colab_setup
+
+folders = colab_setup(mount=MOUNT_DRIVE)
 
 # %% [markdown]
-# What are we running on? The dtype rule: fp32 on CPU, fp16 below compute capability 8.0 (T4),
-# bf16 from 8.0 (L4, A100, H100).
+# What are we running on. duokit's dtype rule: float32 on CPU, bfloat16 from compute capability 8.0
+# (L4, A100, H100); what it does on older GPUs (T4) is in docs/colab.md.
 
 # %%
-from duokit.runtime import default_run_root, describe_runtime, mount_drive, pick_device, pick_dtype
+from duokit.runtime import describe_runtime
 
 print(describe_runtime())
-device = pick_device()
-print(f"device {device}, dtype {pick_dtype(device)}")
 
 # %% [markdown]
-# Long work (training, full VNBench evaluations) writes its run directory under the run root:
-# `MyDrive/duokit` once Drive is mounted, `./runs` otherwise. Every run resumes where it stopped.
+# flash-attn (optional): `setup_colab.sh --flash-attn` installs it only from a prebuilt wheel that matches
+# this runtime's Python, torch, CUDA and C++ ABI, within a time limit, and never compiles it (a source
+# build takes hours on Colab). The script comes from a checkout of the repository (cloned here when
+# DUOKIT_REPO is a URL; `git clone --branch` needs DUOKIT_REF to be a branch or tag). Without flash-attn
+# duokit uses PyTorch's sdpa.
 
 # %%
-if IN_COLAB and MOUNT_DRIVE:
-    mount_drive()
-print("runs go to", default_run_root())
+if FLASH_ATTN:
+    checkout = DUOKIT_REPO if os.path.isdir(DUOKIT_REPO) else "/content/duokit-src"
+    if not os.path.isdir(checkout):
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", DUOKIT_REF, DUOKIT_REPO, checkout], check=True)
+    subprocess.run(["bash", "setup_colab.sh", "--no-install", "--flash-attn"], cwd=checkout, check=True)

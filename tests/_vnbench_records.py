@@ -1,4 +1,5 @@
-"""Small VNBench-schema annotation sets for the annotation and scoring tests (vnbench.md §2-§5)."""
+"""Small VNBench-schema annotation sets for the annotation and scoring tests (schema and text of
+huggingface.co/datasets/videoniah/VNBench)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from duokit.data.vnbench import LETTERS, SUBTASKS, permuted_options
 # The published `type` of each file suffix: the HF file swaps the two insert-retrieval labels (§3).
 PUBLISHED_LABEL = {s: s for s in SUBTASKS} | {"ret_insert1": "ret_insert2", "ret_insert2": "ret_insert1"}
 
-# Verbatim from vnbench.md §2, kept apart from duokit's own templates so tests check those against it.
+# Verbatim from the VNBench annotations, kept apart from duokit's own templates so tests check those against it.
 QUESTIONS = {
     "ret_edit1": "What is the secret word?",
     "ret_insert1": "What kind of fruit appears in this video?",

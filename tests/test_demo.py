@@ -16,6 +16,7 @@ from duokit import cli
 from duokit.io import iter_jsonl, read_json
 from duokit.methods import get_method
 from duokit.models import resolve_model_path
+from duokit.models.base import Geometry, TokenCounts
 
 REDUCED = ["--frames", "16", "--per-task", "1", "--gate-steps", "3"]
 PLOTS = ("accuracy_subtasks.png", "accuracy_kv.png", "latency.png")
@@ -85,16 +86,18 @@ def test_duo_holds_less_kv_exactly_as_its_formula_says(demo_run):
     run, _ = demo_run
     text = AutoConfig.from_pretrained(resolve_model_path("needlenet")).get_text_config()
     head_dim = text.hidden_size // text.num_attention_heads
+    geometry = Geometry(text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, head_dim,
+                        text.hidden_size, text.intermediate_size, dtype_bytes=4)
     pattern = run / "duo-train" / "pattern"
     methods = {"baseline": get_method("baseline"),
-               "duo": get_method("duo", pattern=str(pattern), sparsity=0.5, sink=4, recent=15)}
+               "duo": get_method("duo", pattern=str(pattern), sparsity=0.5, sink=4, recent=16)}
     kv = {}
     for name, method in methods.items():
         costs = {r["sample_id"]: r["cost"] for r in iter_jsonl(run / "eval" / name / "predictions.jsonl")}
         assert len(costs) == 9
         for cost in costs.values():  # measured bytes of the cache (float32) = the method's prediction
-            assert cost["kv_bytes"] == method.estimate_kv_bytes(text.num_hidden_layers, text.num_key_value_heads,
-                                                                head_dim, cost["prefix_tokens"], 4)
+            assert cost["kv_bytes"] == method.estimate_kv_bytes(geometry, TokenCounts(cost["prefix_tokens"]))
+            assert cost["kv_bytes_peak"] == cost["kv_bytes_planned"]
         kv[name] = read_json(run / "results.json")["methods"][list(methods).index(name)]["kv_bytes"]
     assert 0 < kv["duo"] < kv["baseline"]
 
@@ -105,7 +108,7 @@ def test_gates_trained_on_needlenet_task_data(demo_run):
     assert pattern["dataset_name"] == "NeedleNetTask"
     assert pattern["steps_done"] == 3 and (pattern["sink_size"], pattern["recent_size"]) == (4, 16)
     duo_config = read_json(run / "eval" / "duo" / "config.json")["method"]
-    assert (duo_config["sink"], duo_config["recent"], duo_config["sparsity"]) == (4, 15, 0.5)
+    assert (duo_config["sink"], duo_config["recent"], duo_config["sparsity"]) == (4, 16, 0.5)
 
 
 def test_second_run_skips_every_stage(demo_run):

@@ -15,10 +15,12 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import duokit.methods.duo.attention as duo_attention
+from duokit.engine import LM
 from duokit.methods.base import get_method
 from duokit.methods.duo.pattern import save_pattern
 from duokit.metrics import kv_cache_bytes
 from duokit.models import load_vlm
+from duokit.models.base import TokenCounts
 
 REFERENCE = "duokit_test_lambda_reference"
 NEW_TOKENS = 5
@@ -92,7 +94,7 @@ def test_all_retrieval_is_identical_to_sdpa(name, request, tmp_path):
     method = duo(tmp_path, np.random.RandomState(1).rand(adapter.num_layers, adapter.num_kv_heads),
                  sparsity=0.0, sink=2, recent=3)
     with method.apply(model, adapter):
-        duo_tokens, duo_logits = generate(model, inputs, method.new_cache(model, adapter))
+        duo_tokens, duo_logits = generate(model, inputs, method.new_cache(LM(model, adapter), None))
     assert torch.equal(duo_tokens, tokens)
     assert torch.equal(duo_logits, logits)
 
@@ -105,9 +107,9 @@ def test_all_streaming_with_window_covering_sequence_is_identical(name, request,
     method = duo(tmp_path, np.ones((adapter.num_layers, adapter.num_kv_heads)), sparsity=1.0,
                  sink=4, recent=length - 4)
     with method.apply(model, adapter):
-        cache = method.new_cache(model, adapter)
+        cache = method.new_cache(LM(model, adapter), None)
         duo_tokens, duo_logits = generate(model, inputs, cache)
-    assert all(not layer.retrieval_heads for layer in cache.layers)
+    assert all(not layer.plan.retrieval_heads for layer in cache.layers)
     assert torch.equal(duo_tokens, tokens)
     assert torch.equal(duo_logits, logits)
 
@@ -159,7 +161,7 @@ def test_mixed_pattern_matches_dense_reference(name, gates, chunk, query_block, 
     method = duo(tmp_path, MIXED_GATES[gates], sparsity=0.5, sink=4, recent=19)
     expected = reference_run(model, adapter, inputs, method.retrieval, sink=4, recent=19)
     with method.apply(model, adapter):
-        cache = method.new_cache(model, adapter)
+        cache = method.new_cache(LM(model, adapter), None)
         logits = run(model, adapter, inputs, cache, chunk)
     assert cache.get_seq_length() == inputs["input_ids"].shape[1] + NEW_TOKENS
     assert torch.equal(logits.argmax(-1), expected.argmax(-1))
@@ -175,12 +177,12 @@ def test_other_video_families(other_vlm, tmp_path):
     tokens, logits = generate(model, inputs)
     method = duo(tmp_path, MIXED_GATES["second_head"], sparsity=0.0)
     with method.apply(model, adapter):
-        duo_tokens, duo_logits = generate(model, inputs, method.new_cache(model, adapter))
+        duo_tokens, duo_logits = generate(model, inputs, method.new_cache(LM(model, adapter), None))
     assert torch.equal(duo_tokens, tokens) and torch.equal(duo_logits, logits)
     method = duo(tmp_path, MIXED_GATES["second_head"], sparsity=0.5, sink=2, recent=7)
     expected = reference_run(model, adapter, inputs, method.retrieval, sink=2, recent=7)
     with method.apply(model, adapter):
-        observed = run(model, adapter, inputs, method.new_cache(model, adapter), chunk=11)
+        observed = run(model, adapter, inputs, method.new_cache(LM(model, adapter), None), chunk=11)
     torch.testing.assert_close(observed, expected, rtol=1e-4, atol=5e-5)
 
 
@@ -191,7 +193,7 @@ def test_full_first_chunk_flag_matches_reference(name, request, tmp_path):
     method = duo(tmp_path, MIXED_GATES["second_head"], sparsity=0.5, sink=4, recent=19, full_first_chunk=True)
     expected = reference_run(model, adapter, inputs, method.retrieval, 4, 19, full_first_tokens=chunk)
     with method.apply(model, adapter):
-        logits = run(model, adapter, inputs, method.new_cache(model, adapter), chunk)
+        logits = run(model, adapter, inputs, method.new_cache(LM(model, adapter), None), chunk)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=5e-5)
 
 
@@ -212,15 +214,14 @@ def test_kv_bytes_held_equal_the_formula(llama, tmp_path, sparsity, chunk):
     method = duo(tmp_path, [[0.3, 0.7], [0.1, 0.9]], sparsity=sparsity, sink=5, recent=20)
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(2))
     with method.apply(model, adapter):
-        cache = method.new_cache(model, adapter)
+        cache = method.new_cache(LM(model, adapter), None)
         seen = 0
         for length in (3, 25, 26, 60, 90):  # below, at and above sink + recent
             for start in range(seen, length, chunk):
                 stop = min(start + chunk, length)
                 model(input_ids=ids[:, start:stop], past_key_values=cache, use_cache=True)
             seen = length
-            formula = method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim,
-                                               length, dtype_bytes=4)
+            formula = method.estimate_kv_bytes(adapter.geometry, TokenCounts(length))
             assert kv_cache_bytes(cache) == formula
             assert cache.get_seq_length() == length
             assert cache.get_mask_sizes(1, 0) == (length + 1, 0)
@@ -233,10 +234,9 @@ def test_qwen_video_kv_bytes_and_deepcopy(qwen, tmp_path):
     method = duo(tmp_path, MIXED_GATES["second_head"], sparsity=0.5, sink=4, recent=19)
     prefix = adapter.embed_prefix(inputs)
     with method.apply(model, adapter), torch.no_grad():
-        cache = method.new_cache(model, adapter)
+        cache = method.new_cache(LM(model, adapter), None)
         model(inputs_embeds=prefix.inputs_embeds, position_ids=prefix.position_ids, past_key_values=cache)
-        assert kv_cache_bytes(cache) == method.estimate_kv_bytes(
-            adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, prefix.num_tokens, dtype_bytes=4)
+        assert kv_cache_bytes(cache) == method.estimate_kv_bytes(adapter.geometry, prefix.token_counts)
         twin = copy.deepcopy(cache)
         token = torch.tensor([[65]])
         step = {"inputs_embeds": model.get_input_embeddings()(token),
@@ -269,7 +269,7 @@ def test_pattern_of_the_wrong_shape_is_refused(llama, tmp_path):
 def test_duo_cache_refuses_batches_and_cropping(llama, tmp_path):
     model, adapter, _ = llama
     method = duo(tmp_path, MIXED_GATES["contiguous"])
-    cache = method.new_cache(model, adapter)
+    cache = method.new_cache(LM(model, adapter), None)
     with pytest.raises(ValueError, match="batch size 1"):
         cache.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
     with pytest.raises(NotImplementedError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,10 +21,11 @@ from duokit.methods.duo.pattern import (
     retrieval_heads_per_layer,
     save_pattern,
 )
+from duokit.models.base import Geometry, TokenCounts
 
 
 def official_rule(gates: np.ndarray, sparsity: float) -> np.ndarray:
-    """`sparsify_attention_heads` as duoattention.md §6 describes it, after the official
+    """`sparsify_attention_heads` as the official duo_attn/utils.py defines it, after the official
     `seed_everything(42)`: global-RNG noise U(0, 1e-6), the linear `sparsity` quantile over all heads,
     retrieval iff gate >= threshold. The quantile is interpolated by hand, not with np.quantile."""
     np.random.seed(42)
@@ -92,7 +94,7 @@ def test_round_trip_writes_what_the_official_code_writes(tmp_path):
 
 
 def test_load_clips_like_the_official_loader(tmp_path):
-    # Shipped TSVs hold bf16 gates such as -1.4e-03 (duoattention.md §7).
+    # Shipped TSVs hold bf16 gates such as -1.4e-03 (the official attn_patterns/).
     (tmp_path / GATES_FILE).write_text("9.9e-01\t-1.4e-03\n1.0000000000000002e+00\t5.0e-01\n")
     (tmp_path / CONFIG_FILE).write_text('{"sink_size": 128, "recent_size": 256, "deploy_sink_size": null}')
     assert load_pattern(tmp_path).gates.tolist() == [[0.99, 0.0], [1.0, 0.5]]
@@ -147,11 +149,31 @@ def test_estimate_kv_bytes_is_the_analytic_formula(tmp_path):
     save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
     method = get_method("duo", pattern=str(tmp_path), sparsity=0.5, sink=64, recent=256)
     # Retrieval heads: layer 0 head 0, layer 1 head 0 (gate 0.8 > 0.7): 2 full heads, 2 streaming heads.
+    geometry = Geometry(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=128, hidden_size=256,
+                        intermediate_size=512, dtype_bytes=2)
     for tokens in (100, 320, 5000):
         expected = 2 * 128 * 2 * (2 * tokens + 2 * min(tokens, 320))
-        assert method.estimate_kv_bytes(2, 2, 128, tokens, 2) == expected
+        assert method.estimate_kv_bytes(geometry, TokenCounts(text=tokens - 30, video=30)) == expected
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
-        method.estimate_kv_bytes(3, 2, 128, 10, 2)
+        method.estimate_kv_bytes(replace(geometry, num_layers=3), TokenCounts(10))
+
+
+def test_prefill_flops_count_the_streaming_window(tmp_path):
+    """Streaming heads score each query against min(p + 1, sink + recent + 1) keys; the rest is dense."""
+    geometry = Geometry(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
+                        intermediate_size=64, dtype_bytes=4)
+    save_pattern(tmp_path, [[0.9, 0.1], [0.8, 0.7]], 128, 256)
+    tokens = [100, 100]
+    dense = get_method("baseline").estimate_prefill_flops(geometry, tokens)
+    assert get_method("duo", pattern=str(tmp_path), sparsity=0.0).estimate_prefill_flops(geometry, tokens) == dense
+    duo = get_method("duo", pattern=str(tmp_path), sparsity=0.5, sink=4, recent=10)
+    costs = duo.estimate_prefill_flops(geometry, tokens)
+    assert costs["mlp_flops"] == dense["mlp_flops"] == 2 * 6 * 100 * 32 * 64
+    window_pairs = sum(min(p + 1, 4 + 10 + 1) for p in range(100))
+    # One streaming KV head per layer, 2 query heads each: their pairs shrink from causal to the window;
+    # a pair costs 4·head_dim per query head (q·k and the weighted v, a multiply-add counting 2).
+    saved = 4 * 8 * 2 * (100 * 101 // 2 - window_pairs)
+    assert costs["attention_flops"] == dense["attention_flops"] - 2 * saved
 
 
 def test_cli_pattern_show_json(tmp_path, capsys):

@@ -72,10 +72,12 @@ def official_streaming_mask(length, sink, recent):
     return (recent_mask | sink_mask) & causal
 
 
-@pytest.mark.parametrize("length,sink,recent", [(20, 4, 8), (7, 0, 1), (33, 128, 256), (50, 3, 5)])
-def test_streaming_mask_is_the_official_one(length, sink, recent):
+@pytest.mark.parametrize("length,sink,recent", [(20, 4, 8), (7, 0, 0), (33, 128, 256), (50, 3, 5)])
+def test_streaming_mask_is_the_official_one_with_the_inference_meaning_of_recent(length, sink, recent):
+    """duokit's `recent` counts the tokens before the query (as inference does); the official training
+    mask counts the query among its `recent`, so it is the official mask of recent + 1."""
     assert torch.equal(streaming_mask(length, sink, recent, torch.device("cpu")),
-                       official_streaming_mask(length, sink, recent))
+                       official_streaming_mask(length, sink, recent + 1))
 
 
 def eager(query, key, value, mask, scaling):
@@ -98,7 +100,7 @@ def test_mixed_attention_is_the_gated_sum(variant):
 
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     causal = official_streaming_mask(length, 0, length)
-    window = official_streaming_mask(length, SINK, RECENT)
+    window = official_streaming_mask(length, SINK, RECENT + 1)
     teacher = eager(query[:1], key[:1], value[:1], causal, 0.3)
     student_full = teacher if variant == "official-teacher" else eager(query[1:], key[1:], value[1:], causal, 0.3)
     student_stream = eager(query[1:], key[1:], value[1:], window, 0.3)
@@ -128,7 +130,7 @@ def test_l1_term_is_live_and_is_a_mean():
         gates.gates.mul_(torch.linspace(0.1, 1.0, 12).view(3, 4))
     reg = gates.regularization()
     assert reg.item() == pytest.approx(gates.gates.detach().abs().mean().item())
-    (0.05 * reg).backward()  # the VILA port used `.data` here: no gradient at all (duoattention.md §10)
+    (0.05 * reg).backward()  # a community VLM port (VILA) used `.data` here: no gradient at all
     torch.testing.assert_close(gates.gates.grad, torch.full((3, 4), 0.05 / 12))
 
 
@@ -204,8 +206,8 @@ def test_distillation_gradient_reaches_every_gate(qwen):
 def test_student_with_closed_gates_is_the_streaming_inference_model(qwen, tmp_path):
     """Gates 0 = every head streaming: must equal the `duo` inference method with every head streaming.
 
-    The inference window counts `recent` tokens before the query, the official training mask `recent`
-    including it, so inference recent = training recent - 1 (docs/duo_training.md).
+    Training and inference give `recent` the same meaning (the tokens before the query), so the same
+    value gives the same window (docs/duoattention.md).
     """
     from duokit.methods.base import get_method
 
@@ -216,7 +218,7 @@ def test_student_with_closed_gates_is_the_streaming_inference_model(qwen, tmp_pa
     with torch.no_grad(), enable_gate_training(model, gates, SINK, RECENT):
         student = adapter.language_model(**example.two_way(), use_cache=False).last_hidden_state[1:]
     save_pattern(tmp_path, np.zeros((adapter.num_layers, adapter.num_kv_heads)), SINK, RECENT)
-    method = get_method("duo", pattern=str(tmp_path), sparsity=1.0, sink=SINK, recent=RECENT - 1)
+    method = get_method("duo", pattern=str(tmp_path), sparsity=1.0, sink=SINK, recent=RECENT)
     with torch.no_grad(), method.apply(model, adapter):
         streaming = adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
                                            use_cache=False).last_hidden_state

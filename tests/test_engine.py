@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import FrozenInstanceError, dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from _tiny_models import tiny
 from duokit.cli import main
 from duokit.data.video import write_video
 from duokit.data.vnbench import LETTERS, official_prompt, permuted_options
-from duokit.engine import answer_tries
+from duokit.engine import LM, SampleInput, Try, answer_tries
 from duokit.eval_command import run_eval
 from duokit.io import iter_jsonl
 from duokit.methods import get_method
@@ -43,6 +44,13 @@ def shared_part(adapter):
     return None, "The secret word of the day is written on a red card. " * 4
 
 
+def run_engine(model, adapter, method, video, prompts, context=None, **kwargs):
+    """The engine's answers with `method` applied."""
+    with method.apply(model, adapter):
+        return answer_tries(LM(model, adapter), method, SampleInput(video, FPS if video is not None else None, context),
+                            prompts, **kwargs)
+
+
 def generate_tokens(model, adapter, video, context, prompt, max_new_tokens=5) -> list[int]:
     inputs = adapter.build_inputs(video, FPS, prompt, context=context)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -57,10 +65,8 @@ def test_engine_tokens_equal_generate_on_the_full_prompt(family, monkeypatch):
         # tests/test_qwen_positions.py); the positions are otherwise the same.
         monkeypatch.setattr(adapter, "text_after_video", "transformers")
     video, context = shared_part(adapter)
-    method = get_method("baseline")
-    with method.apply(model, adapter):
-        # A chunk of 16 tokens splits the prefix (video included) over several prefill calls.
-        result = answer_tries(model, adapter, method, video, FPS, PROMPTS, context=context, chunk_size=16)
+    # A chunk of 16 tokens splits the prefix (video included) over several prefill calls.
+    result = run_engine(model, adapter, get_method("baseline"), video, PROMPTS, context, chunk_size=16)
     for prompt, answer in zip(PROMPTS, result.answers):
         assert answer.tokens == generate_tokens(model, adapter, video, context, prompt)
         assert answer.text == adapter.tokenizer.decode(answer.tokens, skip_special_tokens=True)
@@ -74,15 +80,14 @@ class ShiftedSuffix(Method):
 
     name = "test-shifted-suffix"
 
-    def prepare_prefix(self, prefix, model, adapter):
+    def prepare_prefix(self, prefix, sample, lm):
         return replace(prefix, next_position=prefix.next_position + 40)
 
 
 def test_wrong_positions_are_detected(monkeypatch):
     model, _, adapter = tiny("qwen2_5_vl")
     monkeypatch.setattr(adapter, "text_after_video", "transformers")  # generate's rule: only the shift differs
-    method = ShiftedSuffix()
-    result = answer_tries(model, adapter, method, frames(), FPS, PROMPTS[:2])
+    result = run_engine(model, adapter, ShiftedSuffix(), frames(), PROMPTS[:2])
     expected = [generate_tokens(model, adapter, frames(), None, prompt) for prompt in PROMPTS[:2]]
     assert [answer.tokens for answer in result.answers] != expected
 
@@ -93,36 +98,49 @@ class DropHalfTheVideo(Method):
 
     name = "test-drop-half"
 
-    def prepare_prefix(self, prefix, model, adapter):
+    def prepare_prefix(self, prefix, sample, lm):
         video_positions = prefix.video_mask.nonzero()[:, 0]
         keep = torch.ones_like(prefix.video_mask)
         keep[video_positions[1::2]] = False
-        return replace(prefix, input_ids=prefix.input_ids[:, keep],
-                       inputs_embeds=prefix.inputs_embeds[:, keep],
-                       position_ids=prefix.position_ids[..., keep], video_mask=prefix.video_mask[keep])
+        return prefix.keep(keep)
 
 
 def test_prepare_prefix_hook_shrinks_what_is_prefilled():
     model, _, adapter = tiny("qwen2_5_vl")
-    full = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
-    pruned = answer_tries(model, adapter, DropHalfTheVideo(), frames(), FPS, PROMPTS[:1])
+    full = run_engine(model, adapter, get_method("baseline"), frames(), PROMPTS[:1])
+    pruned = run_engine(model, adapter, DropHalfTheVideo(), frames(), PROMPTS[:1])
     video_tokens = full.cost["video_tokens"]
     assert pruned.cost["input_video_tokens"] == video_tokens
     assert pruned.cost["video_tokens"] == video_tokens // 2
     assert pruned.cost["prefix_tokens"] == full.cost["prefix_tokens"] - video_tokens // 2
     bytes_per_token = full.cost["kv_bytes"] // full.cost["prefix_tokens"]
     assert pruned.cost["kv_bytes"] == bytes_per_token * pruned.cost["prefix_tokens"]
+    assert pruned.cost["tokens_per_layer"] == [pruned.cost["prefix_tokens"]] * adapter.num_layers
+    assert pruned.cost["visual_token_layers"] == adapter.num_layers * video_tokens // 2
     assert len(pruned.answers[0].tokens) == 5
 
 
 def test_engine_reports_costs():
     model, _, adapter = tiny("llava_onevision")
-    result = answer_tries(model, adapter, get_method("baseline"), frames(), FPS, PROMPTS[:1])
+    result = run_engine(model, adapter, get_method("baseline"), frames(), PROMPTS[:1])
     cost = result.cost
     assert cost["frames"] == 8
     assert cost["video_tokens"] == 8 * 4 + 1  # 2x2 pooled tokens per 56-px frame + one newline token
     # K and V x 2 layers x 2 KV heads x head_dim 16 x 4 bytes (fp32) per prefix token
     assert cost["kv_bytes"] == 2 * 2 * 2 * 16 * 4 * cost["prefix_tokens"]
+    # At the peak the cache also holds the try's suffix and every answer token but the last.
+    suffix = adapter.suffix_ids(PROMPTS[0]).shape[1]
+    in_cache = cost["prefix_tokens"] + suffix + len(result.answers[0].tokens) - 1
+    assert cost["kv_bytes_peak"] == cost["kv_bytes_planned"] == 2 * 2 * 2 * 16 * 4 * in_cache
+    assert cost["tokens_per_layer"] == [cost["prefix_tokens"]] * 2
+    assert cost["visual_token_layers"] == 2 * cost["video_tokens"]
+    # Dense analytic FLOPs (docs/metrics.md): hidden 64, 4 query heads, intermediate 128 on the tiny Qwen2.
+    n, geometry = cost["prefix_tokens"], adapter.geometry
+    hidden, heads, kv_heads, head_dim = geometry.hidden_size, geometry.num_heads, geometry.num_kv_heads, 16
+    per_layer = (2 * n * hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim)
+                 + 4 * heads * head_dim * n * (n + 1) // 2)
+    assert cost["attention_flops"] == 2 * per_layer
+    assert cost["mlp_flops"] == 2 * 6 * n * hidden * geometry.intermediate_size
     assert cost["prefill_s"] > 0 and cost["decode_s_per_token"] > 0
     assert cost["peak_memory_bytes"] > 0
 
@@ -130,8 +148,89 @@ def test_engine_reports_costs():
 def test_chunk_size_must_be_positive():
     model, _, adapter = tiny("llama")
     with pytest.raises(ValueError, match="chunk_size"):
-        answer_tries(model, adapter, get_method("baseline"), None, None, PROMPTS[:1], context="x",
-                     chunk_size=0)
+        run_engine(model, adapter, get_method("baseline"), None, PROMPTS[:1], context="x", chunk_size=0)
+
+
+def test_engine_refuses_a_method_that_is_not_applied():
+    model, _, adapter = tiny("llama")
+    with pytest.raises(RuntimeError, match="must run inside"):
+        answer_tries(LM(model, adapter), get_method("baseline"), SampleInput(None, None, "x"), PROMPTS[:1])
+
+
+@dataclass
+class AsksForTheQuestion(Method):
+    """Test method: its prefix depends on the question; it records what `prepare_prefix` saw."""
+
+    name = "test-asks-question"
+    prefix_depends_on_question = True
+
+    def __post_init__(self):
+        self.seen = []
+
+    def prepare_prefix(self, prefix, sample, lm):
+        self.seen.append(sample.question)
+        return prefix
+
+
+def test_a_question_dependent_prefix_is_prefilled_once_per_question():
+    """Tries of one question share one prefill that ends with the question; the tokens stay generate's."""
+    model, _, adapter = tiny("qwen2_5_vl")
+    question = QUESTIONS[0] + "\n"
+    tries = [Try(official_prompt(QUESTIONS[0], options), question) for options in permuted_options(OPTIONS)]
+    tries.append(Try(PROMPTS[1], QUESTIONS[1] + "\n"))
+    method = AsksForTheQuestion()
+    with monkeypatch_rule(adapter):
+        result = run_engine(model, adapter, method, frames(), tries)
+        expected = [generate_tokens(model, adapter, frames(), None, t.prompt) for t in tries]
+    assert method.seen == [question, QUESTIONS[1] + "\n"]
+    assert result.cost["prefills"] == 2
+    assert [a.tokens for a in result.answers] == expected
+    # The baseline builds one prefix for all four tries, and its prefix has no question in it.
+    baseline = run_engine(model, adapter, get_method("baseline"), frames(), tries)
+    assert baseline.cost["prefills"] == 1
+    assert baseline.cost["prefix_tokens"] < result.cost["prefix_tokens"]
+
+
+class monkeypatch_rule:
+    """generate's rule for Qwen-VL text after a video, for the block (see the first test)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def __enter__(self):
+        self.previous = self.adapter.text_after_video
+        self.adapter.text_after_video = "transformers"
+
+    def __exit__(self, *exc):
+        self.adapter.text_after_video = self.previous
+
+
+def test_prefix_is_immutable_and_keep_slices_every_array():
+    model, _, adapter = tiny("qwen3_vl")
+    prefix = LM(model, adapter).embed(SampleInput(frames(4), FPS))
+    with pytest.raises(FrozenInstanceError):
+        prefix.next_position = 0
+    video = prefix.video_mask.nonzero()[:, 0]
+    keep = torch.ones_like(prefix.video_mask)
+    keep[video[::3]] = False
+    kept = prefix.keep(keep)
+    assert kept.num_tokens == prefix.num_tokens - len(video[::3])
+    for name in ("video_mask", "frame_of"):
+        assert torch.equal(getattr(kept, name), getattr(prefix, name)[keep])
+    assert torch.equal(kept.cell_of, prefix.cell_of[keep])
+    assert torch.equal(kept.input_ids, prefix.input_ids[:, keep])
+    assert torch.equal(kept.inputs_embeds, prefix.inputs_embeds[:, keep])
+    assert torch.equal(kept.position_ids, prefix.position_ids[..., keep])
+    rows = keep[prefix.video_mask]
+    deepstack = prefix.layer_inputs["deepstack_visual_embeds"]
+    assert len(deepstack) > 0
+    for before, after in zip(deepstack, kept.layer_inputs["deepstack_visual_embeds"]):
+        assert torch.equal(after, before[rows])
+    assert kept.next_position == prefix.next_position and kept.video_grids == prefix.video_grids
+    with pytest.raises(ValueError, match="mask"):
+        prefix.keep(keep[:-1])
+    with pytest.raises(ValueError, match="disagree on the token count"):
+        replace(prefix, video_mask=prefix.video_mask[:-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,3 +357,70 @@ def test_eval_with_duo_checks_the_pattern_before_writing_the_run(tmp_path, capsy
     assert decoded[0]["cost"]["kv_bytes"] == 2 * 16 * 4 * (2 * prefix_tokens + 2 * min(prefix_tokens, 4 + 16))
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "duo" and config["method"]["recent"] == 16
+
+
+@dataclass
+class FrameChunks(Method):
+    """Test method owning its prefill: one chunk per temporal group boundary, each with a 4-D causal mask
+    and its own keyword, which a forward pre-hook on the decoder layers records."""
+
+    name = "test-frame-chunks"
+
+    def __post_init__(self):
+        self.seen = []
+
+    def install(self, model, adapter):
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+
+        def record(module, args, kwargs):
+            if "probe" in kwargs:
+                self.seen.append(kwargs["probe"])
+
+        for layer in adapter.decoder_layers:
+            stack.callback(layer.register_forward_pre_hook(record, with_kwargs=True).remove)
+        return stack
+
+    def prefill(self, lm, prefix, cache, chunk_size):
+        starts = (prefix.frame_of[1:] != prefix.frame_of[:-1]).nonzero()[:, 0] + 1
+        bounds = [*starts.tolist(), prefix.num_tokens]
+
+        def chunk_kwargs(start, end):
+            mask = torch.ones(end - start, end, dtype=torch.bool).tril(start)  # causal, bottom-right aligned
+            return {"attention_mask": mask[None, None], "probe": (start, end)}
+
+        return lm.prefill(prefix, cache, chunk_size, bounds=bounds, chunk_kwargs=chunk_kwargs)
+
+
+def test_a_method_gives_chunk_bounds_and_per_chunk_inputs():
+    model, _, adapter = tiny("qwen2_5_vl")
+    method = FrameChunks()
+    with monkeypatch_rule(adapter):
+        result = run_engine(model, adapter, method, frames(), PROMPTS[:1])
+        expected = generate_tokens(model, adapter, frames(), None, PROMPTS[0])
+    assert result.answers[0].tokens == expected
+    prefix = LM(model, adapter).embed(SampleInput(frames(), FPS))
+    groups = int(prefix.frame_of.max()) + 1
+    chunks = sorted(set(method.seen))
+    assert len(chunks) == groups + 2  # the text before the video, each temporal group, the text after it
+    assert chunks[0][0] == 0 and chunks[-1][1] == prefix.num_tokens
+    assert all(a[1] == b[0] for a, b in pairwise(chunks))
+    for group, (start, end) in enumerate(chunks[1:-1]):
+        assert (prefix.frame_of[start:end] == group).all()
+    with pytest.raises(ValueError, match="bounds"):
+        LM(model, adapter).prefill(prefix, None, 16, bounds=[5, 3, prefix.num_tokens])
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lm_exposes_layers_rotary_and_geometry(family):
+    """What a method that works inside the model uses: the decoder layers, the rotary embedding for
+    positions it makes up (M-RoPE takes (3, 1, n), others (1, n); floats allowed), the geometry."""
+    model, _, adapter = tiny(family)
+    lm = LM(model, adapter)
+    assert len(lm.layers) == lm.geometry.num_layers == 2
+    positions = adapter.positions(0, 5).float() + 0.5
+    hidden = torch.zeros(1, 5, lm.geometry.hidden_size)
+    cos, sin = lm.rotary(hidden, positions)
+    assert cos.shape[-2:] == sin.shape[-2:] == (5, lm.geometry.head_dim)
+    assert lm.geometry.dtype_bytes == 4

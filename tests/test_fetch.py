@@ -180,6 +180,41 @@ def test_first_fetch_records_hashes_and_second_is_a_no_op(tmp_path, manifest_pat
     assert "sha256 matches the record" in out and "all 2 files match the record" in out
 
 
+def test_zip_kept_on_drive_unpacked_once_per_vm(tmp_path, manifest_path, monkeypatch, capsys):
+    """Colab: zip, annotations and record on Drive (downloaded once, ever); each new VM unpacks the zip to
+    its own disk after checking the zip's sha256 against the record, with no download."""
+    drive_data, vm = tmp_path / "drive" / "data" / "vnbench", tmp_path / "vm1"
+    fakes(monkeypatch)
+    paths = mf.fetch("all", drive_data, manifest=manifest_path, quiet=True, unpack_to=vm)
+    assert paths["videos"] == vm / "VNBench_new" and paths["annotations"].parent == drive_data
+    assert_videos_unpacked(paths["videos"])
+    assert (drive_data / "VNBench_new.zip").read_bytes() == ZIP and not (drive_data / "VNBench_new").exists()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(gdown, "download", refuse)
+    capsys.readouterr()
+    assert mf.fetch("videos", drive_data, manifest=manifest_path, unpack_to=vm)["videos"] == vm / "VNBench_new"
+    assert "all 2 files match the record" in capsys.readouterr().out  # same VM: nothing to do
+
+    second_vm = tmp_path / "vm2"
+    assert_videos_unpacked(mf.fetch("videos", drive_data, manifest=manifest_path, unpack_to=second_vm)["videos"])
+    assert "2 files unpacked; zip sha256" in capsys.readouterr().out
+
+    zip_bytes = bytearray(ZIP)
+    zip_bytes[len(ZIP) // 2] ^= 0xFF  # a zip damaged on Drive is refused, not unpacked
+    (drive_data / "VNBench_new.zip").write_bytes(bytes(zip_bytes))
+    with pytest.raises(mf.ChecksumError, match="does not match the record"):
+        mf.fetch("videos", drive_data, manifest=manifest_path, quiet=True, unpack_to=tmp_path / "vm3")
+    assert not (tmp_path / "vm3" / "VNBench_new").exists()
+
+
+def test_cli_fetch_unpack_to(tmp_path, manifest_path, monkeypatch, capsys):
+    fakes(monkeypatch)
+    code = main(["data", "fetch", "videos", "--dest", str(tmp_path / "keep"), "--unpack-to", str(tmp_path / "fast"),
+                 "--manifest", str(manifest_path), "--quiet"])
+    assert code == 0 and f"videos: {tmp_path / 'fast' / 'VNBench_new'}" in capsys.readouterr().out
+
+
 def test_interrupted_download_resumes(tmp_path, manifest_path, monkeypatch):
     _, drive = fakes(monkeypatch, drive=FakeDrive(interrupt_at=len(ZIP) // 2))
     with pytest.raises(mf.DownloadFailedError, match="re-run the same command to resume"):

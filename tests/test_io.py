@@ -58,3 +58,23 @@ def test_jsonl_log_resumes_after_a_torn_append(tmp_path):
     assert len(resumed) == 2 and 1 in resumed and "2" in resumed and 3 not in resumed
     resumed.append({"id": 3, "v": "c"})
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, "2", 3]
+
+
+def test_copy_folder_replaces_the_whole_folder(tmp_path):
+    from duokit.io import copy_folder
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.tsv").write_text("1\t0\n")
+    (src / "sub" / "b.json").write_text("{}")
+    dest = tmp_path / "out" / "pattern"
+    assert copy_folder(src, dest) == dest
+    (src / "a.tsv").write_text("0\t1\n")
+    (dest / "stale.txt").write_text("from an older copy")
+    copy_folder(src, dest)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["a.tsv", "sub", "sub/b.json"]
+    assert (dest / "a.tsv").read_text() == "0\t1\n"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["pattern"]  # no temp or old folder left
+    with pytest.raises(FileNotFoundError, match="missing: not a folder"):
+        copy_folder(tmp_path / "missing", dest)
+    assert (dest / "a.tsv").is_file()

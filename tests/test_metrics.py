@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from duokit.engine import new_cache, prefill
+from duokit.engine import LM
 from duokit.methods import get_method
 from duokit.metrics import MemoryPlan, Stopwatch, kv_cache_bytes, plan_memory, warn_if_too_big
 from duokit.models import load_vlm
@@ -23,9 +23,10 @@ def qwen():
     return load_vlm("tiny:qwen2_5_vl")
 
 
-def prefilled(model, adapter, video, method):
-    prefix = adapter.embed_prefix(adapter.build_prefix(video, 1.0))
-    return prefix, prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
+def prefilled(model, adapter, video, method, context=None):
+    lm = LM(model, adapter)
+    prefix = adapter.embed_prefix(adapter.build_prefix(video, None if video is None else 1.0, context))
+    return prefix, lm.prefill(prefix, method.new_cache(lm, prefix), chunk_size=32)
 
 
 @pytest.mark.parametrize("name", ["tiny:qwen2_5_vl", "tiny:llama"])
@@ -33,13 +34,8 @@ def test_kv_estimate_equals_measured_bytes(name):
     model, _, adapter = load_vlm(name)
     method = get_method("baseline")
     video = np.zeros((8, 64, 64, 3), dtype=np.uint8) if adapter.is_multimodal else None
-    if video is None:
-        prefix = adapter.embed_prefix(adapter.build_prefix(None, None, context="some text " * 20))
-        cache = prefill(adapter, prefix, new_cache(model, adapter, method), chunk_size=32)
-    else:
-        prefix, cache = prefilled(model, adapter, video, method)
-    estimate = method.estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim,
-                                        prefix.num_tokens, dtype_bytes=4)
+    prefix, cache = prefilled(model, adapter, video, method, None if adapter.is_multimodal else "some text " * 20)
+    estimate = method.estimate_kv_bytes(adapter.geometry, prefix.token_counts)
     assert kv_cache_bytes(cache) == estimate == 2 * 2 * 2 * 16 * 4 * prefix.num_tokens
 
 
@@ -71,7 +67,8 @@ def test_memory_plan_uses_the_real_prefix_and_the_method_estimate(qwen):
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     assert plan.weights_bytes == weights
     assert plan.activation_bytes > 0
-    assert plan.total_bytes == plan.weights_bytes + plan.kv_bytes + plan.activation_bytes
+    assert plan.vision_bytes > 0 and plan.attention_kernel == "math"  # CPU
+    assert plan.total_bytes == plan.weights_bytes + max(plan.vision_bytes, plan.kv_bytes + plan.activation_bytes)
     assert plan.fits  # a tiny model fits in this machine's RAM
     assert plan.to_json()["total_bytes"] == plan.total_bytes
 
@@ -114,3 +111,25 @@ def test_stopwatch_accumulates():
         with watch:
             time.sleep(0.01)
     assert 0.02 <= watch.seconds < 1.0
+
+
+def test_summarize_cost_aggregates_every_numeric_key():
+    from duokit.eval_command import summarize_cost
+
+    records = [
+        {"sample_id": "a", "cost": {"kv_bytes": 10, "new_method_cost": 1.0, "peak_memory_exact": True,
+                                    "tokens_per_layer": [3, 3], "needles_missed": 0}},
+        {"sample_id": "a", "cost": {"kv_bytes": 10, "new_method_cost": 1.0, "peak_memory_exact": True,
+                                    "tokens_per_layer": [3, 3], "needles_missed": 0}},
+        {"sample_id": "b", "cost": {"kv_bytes": 30, "peak_memory_exact": False, "needles_missed": 1}},
+        {"sample_id": "c", "error": "VideoError: gone"},
+    ]
+    summary = summarize_cost(records)
+    assert summary["n_samples"] == 2 and summary["n_errors"] == 1
+    assert (summary["kv_bytes"], summary["kv_bytes_max"]) == (20, 30)
+    # A key only some samples have (a method's own cost) is averaged over those samples.
+    assert (summary["new_method_cost"], summary["new_method_cost_max"]) == (1.0, 1.0)
+    assert summary["peak_memory_exact"] is False
+    assert summary["needle_coverage"] == 0.5
+    assert "tokens_per_layer" not in summary
+    assert summarize_cost([]) == {"n_samples": 0, "n_errors": 0}

@@ -123,3 +123,55 @@ def test_frames_need_a_positive_fps():
     _, _, adapter = tiny("qwen2_5_vl")
     with pytest.raises(ValueError, match="positive fps"):
         adapter.build_prefix(frames(), 0)
+
+
+@pytest.mark.parametrize("family", ("qwen2_5_vl", "qwen2_vl", "qwen3_vl"))
+def test_qwen_video_layout_matches_the_processor_grid_and_the_rope_positions(family, monkeypatch):
+    """Layout against the processor's `video_grid_thw` and, independently, `get_rope_index`: a video token's
+    height and width positions are its (row, column) in the merged grid, offset by where its group starts."""
+    model, _, adapter = tiny(family)
+    monkeypatch.setattr(adapter, "text_after_video", "transformers")  # get_rope_index's positions as they are
+    inputs = adapter.build_prefix(frames(6), 0.25)
+    prefix = adapter.embed_prefix(inputs)
+    merge = model.config.vision_config.spatial_merge_size
+    (t, h, w), = inputs["video_grid_thw"].tolist()
+    assert prefix.video_grids == ((t, h // merge, w // merge),)
+    video = prefix.video_mask
+    assert torch.equal(prefix.frame_of >= 0, video) and torch.equal(prefix.cell_of[:, 0] >= 0, video)
+    assert torch.equal(torch.bincount(prefix.frame_of[video]), torch.full((t,), (h // merge) * (w // merge)))
+    positions = prefix.position_ids[:, 0]  # (3, L): temporal, height, width
+    for group in range(t):
+        rows = prefix.frame_of == group
+        assert positions[0, rows].unique().numel() == 1  # one temporal position per group
+        for axis in (1, 2):
+            offset = positions[axis, rows] - prefix.cell_of[rows, axis - 1]
+            assert offset.unique().numel() == 1
+    group_starts = [int(positions[0, prefix.frame_of == g][0]) for g in range(t)]
+    assert group_starts == sorted(set(group_starts))
+
+
+def test_llava_onevision_video_layout_matches_the_video_features():
+    model, _, adapter = tiny("llava_onevision")
+    inputs = adapter.build_prefix(frames(5), 0.25)
+    prefix = adapter.embed_prefix(inputs)
+    config = model.config
+    with torch.no_grad():
+        features = model.model.get_video_features(
+            inputs["pixel_values_videos"], vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True).pooler_output
+    (t, h, w), = prefix.video_grids
+    side = -(-config.vision_config.image_size // config.vision_config.patch_size // 2)  # the 2x pooling, ceil
+    assert (t, h, w) == (5, side, side)
+    assert features.shape[1] == t * h * w + 1 == prefix.num_video_tokens  # + the closing newline token
+    video = prefix.frame_of[prefix.video_mask]
+    assert torch.equal(video[:-1], torch.arange(t).repeat_interleave(h * w)) and video[-1] == -1
+    cells = prefix.cell_of[prefix.video_mask][:h * w]
+    assert cells.tolist() == [[row, column] for row in range(h) for column in range(w)]
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_text_models_have_no_video_layout(family):
+    _, _, adapter = tiny(family)
+    prefix = adapter.embed_prefix(adapter.build_prefix(None, None, context="some context"))
+    assert prefix.video_grids == () and not prefix.video_mask.any()
+    assert (prefix.frame_of == -1).all() and (prefix.cell_of == -1).all()

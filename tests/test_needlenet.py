@@ -225,7 +225,7 @@ def test_shipped_model_beats_chance_on_a_fresh_held_out_set():
     model, _, adapter = load_vlm("needlenet", device="cpu")
     assert adapter.num_layers >= 4 and adapter.num_kv_heads >= 2
     retrieval = ("ret_edit1", "ret_insert1", "ret_insert2")
-    # A seed no docs table used; 4-try chance is 1/256 per sample (vnbench.md §5).
+    # A seed no docs table used; 4-try chance is 1/256 per sample (4 tries, each of 4 options).
     scores = heldout_scores(model, adapter, meta["answer_parser"], frames=meta["frames"], per_task=4, seed=9091,
                             tasks=retrieval)
     accuracy = np.mean([scores["subtasks"][task]["accuracy"] for task in retrieval])

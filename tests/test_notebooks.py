@@ -1,16 +1,20 @@
-"""The notebooks users open (.ipynb) say exactly what their reviewed sources (.py, jupytext percent) say.
+"""The notebooks users open (.ipynb) say exactly what their reviewed sources (.py, jupytext percent) say,
+and follow Colab's conventions (badge, GPU runtime, a literal-only parameters cell, the set-up cells).
 
 Running them is pytest's job through nbmake (`--nbmake` in pyproject's addopts): each notebook is one
-test item, executed with its CI-sized parameters.
+test item, executed with its CI-sized parameters; tests/test_notebooks_gpu_branch.py runs their GPU branch.
 """
 
+import ast
+import re
 from pathlib import Path
 
 import jupytext
 import nbformat
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
 
@@ -34,3 +38,39 @@ def test_each_notebook_has_one_parameters_cell_before_its_code(source):
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
     first_code = next(i for i, c in enumerate(cells) if c.cell_type == "code")
     assert tagged == [first_code]
+
+
+def github_repo() -> str:
+    """The placeholder (or real) `owner/name` README defines once."""
+    match = re.search(r"<!-- GITHUB_REPO = (\S+) -->", (REPO / "README.md").read_text())
+    assert match, "README.md must define <!-- GITHUB_REPO = owner/name -->"
+    return match.group(1)
+
+
+def colab_url(repo: str, stem: str) -> str:
+    return f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/{stem}.ipynb"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_colab_conventions(source):
+    notebook = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    assert notebook.metadata["accelerator"] == "GPU" and notebook.metadata["colab"]["gpuType"]
+    first = notebook.cells[0]
+    repo = github_repo()
+    assert first.cell_type == "markdown" and f"(https://colab.research.google.com/assets/colab-badge.svg)]" \
+        f"({colab_url(repo, source.stem)})" in first.source
+    assert colab_url(repo, source.stem) in (REPO / "README.md").read_text()
+    assert "**Needs" in first.source and "**Writes" in first.source  # what it needs from earlier notebooks
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_parameters_are_literals_and_setup_comes_next(source):
+    """papermill can override every value: the parameters cell holds `NAME = literal` lines only."""
+    cells = [c for c in jupytext.read(source).cells if c.cell_type == "code"]
+    parameters = {}
+    for statement in ast.parse(cells[0].source).body:
+        assert isinstance(statement, ast.Assign) and len(statement.targets) == 1, ast.unparse(statement)
+        parameters[statement.targets[0].id] = ast.literal_eval(statement.value)
+    assert parameters["DUOKIT_REPO"] == f"https://github.com/{github_repo()}"
+    assert parameters["MOUNT_DRIVE"] is True
+    assert "colab_setup(" in cells[1].source and "pip\", \"install\"" in cells[1].source

@@ -18,7 +18,7 @@ import torch
 from _tiny_models import tiny
 
 from duokit.data.vnbench import official_prompt
-from duokit.engine import answer_tries
+from duokit.engine import LM, SampleInput, answer_tries
 from duokit.methods import get_method
 from duokit.models import load_vlm
 from duokit.models.tiny import tiny_path
@@ -127,7 +127,8 @@ def test_qwen_rule_reaches_the_model(monkeypatch):
     answers = {}
     for rule in ("qwen", "transformers"):
         monkeypatch.setattr(adapter, "text_after_video", rule)
-        result = answer_tries(model, adapter, method, frames(), FPS, PROMPTS, chunk_size=32)
+        with method.apply(model, adapter):
+            result = answer_tries(LM(model, adapter), method, SampleInput(frames(), FPS), PROMPTS, chunk_size=32)
         answers[rule] = [answer.tokens for answer in result.answers]
     generated = []
     for prompt in PROMPTS:

@@ -1,7 +1,8 @@
 """VNBench scoring: parsers, circular scoring, the official formats, and equivalence with the official scripts.
 
 `reference_eval_py` and `reference_evaluation_utils` re-implement, independently of duokit, the scoring
-loops of the two official scripts as described in vnbench.md §7a and §7b (quirks included); duokit's
+loops of the two official scripts (github.com/joez17/VideoNIAH: evaluation/eval.py,
+llava_examples/evaluation_utils.py; quirks included); duokit's
 scores must equal theirs on the same predictions.
 """
 

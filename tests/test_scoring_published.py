@@ -4,7 +4,8 @@ tests/data/llava_ov_7b_vnbench.tsv holds, for each of the 5,400 lines of the Vid
 `llava_examples/llava-ov-7b-videoniah-result.jsonl` (commit 942161dd), in file order: the video file stem,
 `task_type`, `try`, `pred` and `gt` (the prompts are left out). On that file both official scripts give
 Overall 0.5178; per sub-task (swap applied) Ret E 88.7, I-1 87.3, I-2 55.3, Ord E 70.0, I-1 50.0,
-I-2 37.3, Cnt E-1 41.3, E-2 8.7, I 27.3; 1-try 0.628 (vnbench.md §7c, §9).
+I-2 37.3, Cnt E-1 41.3, E-2 8.7, I 27.3; 1-try 0.628 (github.com/joez17/VideoNIAH:
+llava_examples/; paper arXiv:2406.09367).
 """
 
 from __future__ import annotations

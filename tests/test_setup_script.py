@@ -24,7 +24,8 @@ if [[ "${{1:-}}" == "-m" && "${{2:-}}" == "pip" ]]; then
   for ((i = 0; i < ${{#args[@]}}; i++)); do
     [[ "${{args[i]}}" == "-c" ]] && sed 's/^/constraint /' "${{args[i + 1]}}" >> "$FAKE_LOG"
   done
-  [[ " $* " == *" flash-attn "* && -n "${{FAKE_FLASH_FAIL:-}}" ]] && exit 1
+  [[ "$*" == *flash_attn* && -n "${{FAKE_FLASH_FAIL:-}}" ]] && exit 1
+  [[ -n "${{FAKE_PIP_SLEEP:-}}" ]] && sleep "$FAKE_PIP_SLEEP"
   exit 0
 fi
 if [[ "${{1:-}}" == "-c" && "$2" == *get_device_capability* ]]; then echo "$FAKE_CAPABILITY"; exit 0; fi
@@ -57,9 +58,10 @@ def test_syntax_and_options():
 
 def test_report_only_runs_the_real_runtime_report():
     """Also the test of `python -m duokit.runtime`, which the script ends with (one slow torch import)."""
-    result = run_script("--no-install", "--flash-attn", env={"PYTHON": sys.executable})
+    result = run_script("--no-install", env={"PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr
-    assert "flash-attn: not tried (--no-install)" in result.stdout and "\npython " in result.stdout
+    assert result.stdout.startswith("python ")  # nothing installed or tried before the report
+    assert "flash-attn: not installed" in result.stdout or "flash-attn: 2." in result.stdout
     assert f"transformers: {importlib.metadata.version('transformers')}" in result.stdout
     assert "\nGPU: " in result.stdout
 
@@ -81,20 +83,58 @@ def test_install_holds_torch_and_installs_the_clone(fake_python):
     assert result.stdout.rstrip().endswith("runtime report")
 
 
+# A stand-in torch for the wheel-name probe: Colab's torch 2.11 CUDA 12.8 build, C++11 ABI.
+FAKE_TORCH = """
+__version__ = "2.11.0+cu128"
+class version:
+    cuda = "12.8"
+class _C:
+    _GLIBCXX_USE_CXX11_ABI = True
+"""
+
+
 @pytest.mark.parametrize("capability, fail, message", [
     ("none", "", "flash-attn: skipped, no GPU"),
     ("75", "", "needs sm80+ and this GPU is sm75; duokit uses 'sdpa'"),
-    ("90", "1", "flash-attn: install failed"),
+    ("90", "1", "flash-attn: no prebuilt wheel for this Python/torch/CUDA/C++ ABI"),
     ("90", "", "flash-attn: installed"),
 ])
-def test_flash_attn_only_when_asked_and_falls_back_to_sdpa(fake_python, capability, fail, message):
+def test_flash_attn_only_from_the_matching_release_wheel(fake_python, tmp_path, capability, fail, message):
     env, log = fake_python
-    result = run_script("--flash-attn", env={**env, "FAKE_CAPABILITY": capability, "FAKE_FLASH_FAIL": fail})
+    (tmp_path / "fake_torch" / "torch").mkdir(parents=True)
+    (tmp_path / "fake_torch" / "torch" / "__init__.py").write_text(FAKE_TORCH)
+    env = {**env, "FAKE_CAPABILITY": capability, "FAKE_FLASH_FAIL": fail, "PYTHONPATH": str(tmp_path / "fake_torch")}
+    result = run_script("--no-install", "--flash-attn", env=env)
     assert result.returncode == 0, result.stderr
     assert message in result.stdout
-    tried = [line for line in log.read_text().splitlines() if line.endswith("flash-attn")]
-    assert len(tried) == (capability == "90")
+    tried = [line for line in log.read_text().splitlines() if "flash" in line] if log.exists() else []
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    wheel = ("https://github.com/Dao-AILab/flash-attention/releases/download/v2.8.3/"
+             f"flash_attn-2.8.3+cu12torch2.11cxx11abiTRUE-{py}-{py}-linux_x86_64.whl")
+    # Only the wheel file, only binaries: pip has nothing it could build.
+    assert [re.sub(r" -c \S+", "", line) for line in tried] == (
+        [f"pip install -q --only-binary :all: {wheel}"] if capability == "90" else [])
     assert "flash-attn" not in run_script(env=env).stdout  # not asked: not tried
+
+
+def test_flash_attn_wheel_url_override_and_timeout(fake_python):
+    env, _ = fake_python
+    env = {**env, "FAKE_CAPABILITY": "89", "FLASH_ATTN_WHEEL_URL": "https://example.org/flash_attn-x.whl",
+           "FLASH_ATTN_TIMEOUT": "1", "FAKE_PIP_SLEEP": "5"}
+    result = run_script("--no-install", "--flash-attn", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "trying the prebuilt wheel https://example.org/flash_attn-x.whl" in result.stdout
+    assert "(or it timed out); duokit uses 'sdpa'" in result.stdout
+
+
+def test_flash_attn_without_a_cuda_torch_names_no_wheel(fake_python, tmp_path):
+    env, log = fake_python
+    (tmp_path / "cpu_torch" / "torch").mkdir(parents=True)
+    (tmp_path / "cpu_torch" / "torch" / "__init__.py").write_text(FAKE_TORCH.replace('"12.8"', "None"))
+    result = run_script("--no-install", "--flash-attn", env={**env, "FAKE_CAPABILITY": "80",
+                                                             "PYTHONPATH": str(tmp_path / "cpu_torch")})
+    assert result.returncode == 0, result.stderr
+    assert "cannot name a wheel for this torch; duokit uses 'sdpa'" in result.stdout and not log.exists()
 
 
 def test_missing_torch_stops_before_pip(fake_python):

@@ -124,7 +124,7 @@ def test_questions_and_option_rules(samples):
         assert len(set(sample.options)) == 4 and sample.gt in sample.options
         if subtask in ("ret_edit1", "ord_edit1", "cnt_edit1", "ret_insert1", "ret_insert2", "ord_insert1",
                        "ord_insert2"):
-            assert sample.question == PUBLISHED_QUESTIONS[subtask]  # verbatim, vnbench.md §2
+            assert sample.question == PUBLISHED_QUESTIONS[subtask]  # verbatim, VNBench annotations
     assert all(o in NAMES for o in samples["ret_edit1"].options)
     assert all(o in FRUITS for o in samples["ret_insert1"].options)
     assert all(o in LANDMARKS for o in samples["ret_insert2"].options)

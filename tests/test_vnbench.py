@@ -173,7 +173,8 @@ def test_official_prompt_text_exactly():
     assert parse_record(raw_tries("v_PkRvgIFREJU", "ord_insert2", 1)[0], 0).prompt == expected
 
 
-# The 4 tries of v_PkRvgIFREJU_ord_insert2 as in the official repo's LLaVA-OV result file (vnbench.md §4, §7).
+# The 4 tries of v_PkRvgIFREJU_ord_insert2 as in the official repo's LLaVA-OV result file
+# (github.com/joez17/VideoNIAH, llava_examples/).
 QUESTION_PK = "What is the order of images appearing in the video?"
 OPTIONS_PK = [
     ["train, cow, sheep, tv monitor", "tv monitor, cow, train, sheep", "cow, sheep, tv monitor, train",

@@ -1,4 +1,4 @@
-"""`duokit data fetch` and `duokit data verify`: the artefacts of data_manifest.yaml."""
+"""`duokit data fetch` and `duokit data verify`: the artefacts of duokit/data/data_manifest.yaml."""
 
 from __future__ import annotations
 
@@ -22,15 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                help="also hash the zip (sha256) and every unpacked video (CRC-32)")
     for parser in (fetch_parser, verify_parser):
         parser.add_argument("--dest", default=str(DEFAULT_DEST), help="data folder (default: %(default)s)")
-        parser.add_argument("--manifest", default=None, help="manifest file (default: data_manifest.yaml)")
+        parser.add_argument("--manifest", default=None, help="manifest file (default: the one in duokit/data/)")
         parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    fetch_parser.add_argument("--unpack-to", default=None,
+                              help="unpack the videos here instead of in --dest (e.g. the zip on Drive, the "
+                                   "videos on the VM's local disk)")
     fetch_parser.set_defaults(func=run_fetch)
     verify_parser.set_defaults(func=run_verify)
 
 
 def run_fetch(args: argparse.Namespace) -> int:
     try:
-        paths = fetch(args.which, args.dest, manifest=args.manifest, quiet=args.quiet)
+        paths = fetch(args.which, args.dest, manifest=args.manifest, quiet=args.quiet, unpack_to=args.unpack_to)
     except DataError as err:
         print(f"duokit data fetch: {err}", file=sys.stderr)
         return 1

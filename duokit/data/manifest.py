@@ -3,8 +3,12 @@
 Where the manifest publishes no sha256, the first download records the observed one in
 `DEST/.duokit-integrity.json` (with the resolved Hub commit, and the zip's member list for the
 videos); every later fetch or verify checks against that record. A file that fails its check is
-moved aside to `NAME.corrupt` and never used. Sources and sizes: ../shared/reference/vnbench.md §1;
-gdown and huggingface_hub calls: ../shared/reference/transformers.md §9.
+moved aside to `NAME.corrupt` and never used. Sources: the VideoNIAH README
+(https://github.com/joez17/VideoNIAH) and https://huggingface.co/datasets/videoniah/VNBench.
+
+The videos' zip can stay in one folder while its tree is unpacked into another (`unpack_to`): on Colab the
+zip and the record live on Drive (downloaded once, ever) and each new VM unpacks them to its own fast disk,
+after checking the zip's sha256 against the record (docs/colab.md, "Data on Drive").
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from duokit.io import atomic_write_json, read_json
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "data_manifest.yaml"
+MANIFEST_PATH = Path(__file__).resolve().with_name("data_manifest.yaml")
 DEFAULT_DEST = Path("data/vnbench")
 INTEGRITY_FILE = ".duokit-integrity.json"
 ARTEFACTS = ("annotations", "videos")
@@ -98,7 +102,7 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
 
     path = Path(path) if path is not None else MANIFEST_PATH
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found; pass --manifest PATH (it ships at the repo root)")
+        raise ManifestError(f"{path}: manifest not found; pass --manifest PATH (one ships in duokit/data/)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -250,9 +254,11 @@ def fetch(
     dest: str | os.PathLike = DEFAULT_DEST,
     manifest: Manifest | str | os.PathLike | None = None,
     quiet: bool = False,
+    unpack_to: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Download, check and unpack the artefacts; a no-op for those already present and verified.
 
+    Everything is downloaded into `dest`; the videos are unpacked into `unpack_to` (default `dest`).
     Returns {"annotations": path of the JSON file, "videos": the unpacked folder} for those asked for.
     """
     if which not in (*ARTEFACTS, "all"):
@@ -264,7 +270,7 @@ def fetch(
     if which in ("annotations", "all"):
         paths["annotations"] = fetch_annotations(manifest.annotations, dest, quiet)
     if which in ("videos", "all"):
-        paths["videos"] = fetch_videos(manifest.videos, dest, quiet)
+        paths["videos"] = fetch_videos(manifest.videos, dest, quiet, unpack_to)
     return paths
 
 
@@ -319,8 +325,10 @@ def _partial_bytes(dest: Path, filename: str) -> int:
     return sum(p.stat().st_size for p in dest.glob(f"{filename}*.part") if p.is_file())
 
 
-def fetch_videos(artefact: DriveZip, dest: Path, quiet: bool = False) -> Path:
-    root = dest / artefact.extract_to
+def fetch_videos(artefact: DriveZip, dest: Path, quiet: bool = False,
+                 unpack_to: str | os.PathLike | None = None) -> Path:
+    unpack_to = Path(unpack_to) if unpack_to is not None else dest
+    root = unpack_to / artefact.extract_to
     zip_path = dest / artefact.filename
     recorded = read_integrity(dest).get(artefact.name, {})
     members = recorded.get("members")
@@ -332,7 +340,8 @@ def fetch_videos(artefact: DriveZip, dest: Path, quiet: bool = False) -> Path:
 
     if not zip_path.is_file():
         # Videos are already compressed, so the unpacked tree is about as large as the zip.
-        need = 2 * artefact.approx_size_bytes - _partial_bytes(dest, artefact.filename)
+        copies = 2 if unpack_to.resolve() == dest.resolve() else 1
+        need = copies * artefact.approx_size_bytes - _partial_bytes(dest, artefact.filename)
         _ensure_free_space(dest, need, f"{artefact.filename} and its unpacked {artefact.extract_to}/")
         _download_from_drive(artefact, zip_path, quiet)
 
@@ -356,7 +365,7 @@ def _download_from_drive(artefact: DriveZip, zip_path: Path, quiet: bool) -> Non
     manual = (f"download https://drive.google.com/file/d/{artefact.file_id} in a browser, copy it to "
               f"{zip_path} and re-run the same command")
     try:
-        # `id=` works on gdown 5.x and 6.x; `fuzzy=` is a TypeError on 6.x (transformers.md §9).
+        # `id=` works on gdown 5.x and 6.x; `fuzzy=` is a TypeError on 6.x (https://github.com/wkentaro/gdown).
         output = gdown.download(id=artefact.file_id, output=str(zip_path), quiet=quiet, resume=True)
     except FileURLRetrievalError as err:
         raise DriveRefusedError(

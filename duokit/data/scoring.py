@@ -1,6 +1,6 @@
 """VNBench scoring: answer parsers, 4-try circular scoring, and the official file formats in and out.
 
-Facts come from ../shared/reference/vnbench.md §7 (the two official scripts) and §12 (pitfalls).
+Facts come from the two official scripts of github.com/joez17/VideoNIAH (docs/scoring.md).
 Everything is scored from duokit prediction records (`prediction_record`); the two official input
 formats are read into the same shape, keeping the verdict rule of the script that reads them, so
 `score_predictions` on an official file gives that script's numbers (docs/scoring.md).
@@ -18,9 +18,9 @@ from typing import Any
 from duokit.data.vnbench import FAMILIES, LETTERS, PAPER_LABELS, SUBTASKS, Record, subtask_from_video
 from duokit.io import atomic_write_text
 
-# official: evaluation/eval.py; first_char: llava_examples/evaluation_utils.py (vnbench.md §7a/§7b).
+# official: evaluation/eval.py; first_char: llava_examples/evaluation_utils.py (github.com/joez17/VideoNIAH).
 PARSERS = ("official", "strict", "text", "first_char")
-TRIES_PER_SAMPLE = 4  # vnbench.md §5
+TRIES_PER_SAMPLE = 4  # evaluation/eval.py: a sample is right only if all 4 tries are
 
 # strict: an optional lead-in, then one letter written alone, in brackets, or followed by . ) : or ,
 _STRICT = re.compile(
@@ -204,7 +204,7 @@ def _require(condition: bool, where: str, problem: str) -> None:
 
 
 def _subtask_in(name: str) -> str | None:
-    """The sub-task named inside an id such as '3261112327_ret_insert1' (vnbench.md §3)."""
+    """The sub-task named inside an id such as '3261112327_ret_insert1' (docs/scoring.md, the label swap)."""
     return next((s for s in SUBTASKS if f"_{s}_" in f"_{name}_"), None)
 
 
@@ -300,7 +300,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def score_predictions(records: list[dict], parser: str | None = None) -> dict:
-    """The scorer JSON for duokit prediction records (vnbench.md §7d).
+    """The scorer JSON for duokit prediction records (docs/scoring.md).
 
     `parser=None` re-parses each record with its own `parser` (and honours a judge verdict, as the
     official scripts do); a parser name re-parses every raw output with that parser instead.
@@ -364,7 +364,7 @@ def score_predictions(records: list[dict], parser: str | None = None) -> dict:
 # Writing the official eval.py input.
 
 def write_eval_py_jsonl(records: list[dict], path: str | Path) -> Path:
-    """Write duokit prediction records as `evaluation/eval.py` input (vnbench.md §7a), atomically.
+    """Write duokit prediction records as `evaluation/eval.py` input, atomically.
 
     A failed try is written with pred "" (not null, which eval.py would skip), so eval.py also
     counts it as wrong.

@@ -1,7 +1,7 @@
 """Video frames in and out: H.264 writing, uniform/fps frame sampling, and needle coverage.
 
 Kit code downstream takes pre-decoded uint8 [T, H, W, 3] frames plus their timestamps; this module
-is the only place that touches a decoder (transformers.md §8: torchcodec, else PyAV).
+is the only place that touches a decoder (torchcodec, else PyAV; docs/video.md).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from duokit.io import atomic_output
 
 BACKENDS = ("auto", "torchcodec", "pyav")
 
-# A VNBench needle lasts about 1-2 s (vnbench.md §8 step 3); 1.5 s is the middle of that range.
+# A VNBench needle lasts about 1-2 s (docs/synth.md); 1.5 s is the middle of that range.
 NEEDLE_SECONDS = 1.5
 
 # Frame rate assumed by `coverage_report`, which never opens a video. VNBench haystacks come from
-# ActivityNet, MSR-VTT and NExT (vnbench.md §2), mostly ~30 fps; the exact value moves each sampled
+# ActivityNet, MSR-VTT and NExT (VNBench paper, arXiv:2406.09367), mostly ~30 fps; the exact value moves each sampled
 # timestamp by under one source frame (1/30 s), small next to a 1.5 s needle.
 ASSUMED_FPS = 30.0
 
@@ -94,7 +94,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
 
 
 def uniform_indices(total_frames: int, num_frames: int) -> np.ndarray:
-    """The official VNBench rule (vnbench.md §6, LLaVA example): `np.linspace(0, N-1, n, dtype=int)`.
+    """The official VNBench rule (LLaVA example of github.com/joez17/VideoNIAH): `np.linspace(0, N-1, n, dtype=int)`.
 
     With more frames asked than the video has, indices repeat (as the official code does), so the
     model always sees `num_frames` frames.
@@ -102,6 +102,13 @@ def uniform_indices(total_frames: int, num_frames: int) -> np.ndarray:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     return np.linspace(0, total_frames - 1, num_frames, dtype=int).astype(np.int64)
+
+
+def sampled_fps(timestamps: np.ndarray, source_fps: float) -> float:
+    """Frames per video second of uniformly sampled frames (the source fps for a single frame)."""
+    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
+        return (len(timestamps) - 1) / float(timestamps[-1] - timestamps[0])
+    return float(source_fps)
 
 
 def fps_indices(total_frames: int, source_fps: float, fps: float) -> np.ndarray:
@@ -167,10 +174,32 @@ def load_frames(
     return _decode_pyav(path, num_frames, fps)
 
 
+def frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of the frames of `path`, read from the container header (nothing is decoded, so
+    sizing a whole annotation set takes milliseconds a video); a header without a size decodes one frame."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: video file not found; check the path or fetch the data first")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream in this file")
+            context = container.streams.video[0].codec_context
+            if context.height and context.width:
+                return int(context.height), int(context.width)
+    except av.FFmpegError as err:
+        raise VideoError(f"{path}: cannot read this video's header ({err}); the file is corrupt or not a "
+                         "video, re-download or re-create it") from err
+    frame = load_frames(path, num_frames=1).frames[0]
+    return frame.shape[0], frame.shape[1]
+
+
 @cache
 def _torchcodec_available() -> bool:
     # torchcodec imports fine but fails to load its library when no system FFmpeg 4-9 is present
-    # (transformers.md §8), so loading the decoder module is the real test.
+    # (https://github.com/pytorch/torchcodec), so loading the decoder module is the real test.
     try:
         from torchcodec.decoders import VideoDecoder  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or RuntimeError/OSError from its FFmpeg libraries
@@ -300,7 +329,7 @@ def coverage_report(
     """Share of samples whose every needle is seen by `num_frames` uniformly sampled frames, without decoding.
 
     Each video is taken to be `length` seconds at `fps` frames per second (VNBench's `length` field,
-    presumably seconds: vnbench.md §4), i.e. round(length * fps) frames, sampled by the official
+    presumably seconds), i.e. round(length * fps) frames, sampled by the official
     uniform rule; frame i sits at i / fps. An answer needs every needle seen, so this share bounds
     the 4-try accuracy a model can reach with this frame budget (up to guessing).
     """

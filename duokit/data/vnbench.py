@@ -1,7 +1,8 @@
 """VNBench annotations: the schema, validation, sub-tasks, the official prompt and 4-try grouping.
 
-Facts here come from ../shared/reference/vnbench.md (§2 sub-tasks, §3 label swap, §4 schema, §5 tries,
-§6 prompt). The sub-task of a record is taken from its video file-name suffix, which fixes the published
+Facts here come from the VNBench paper (arXiv:2406.09367), its annotations (huggingface.co/datasets/
+videoniah/VNBench) and the official code (github.com/joez17/VideoNIAH): sub-tasks, label swap, schema, tries,
+prompt. The sub-task of a record is taken from its video file-name suffix, which fixes the published
 `ret_insert1`/`ret_insert2` label swap; the published `type` is kept as `label`.
 """
 
@@ -28,7 +29,7 @@ PAPER_LABELS = {
     "cnt_edit1": "Cnt E-1", "cnt_edit2": "Cnt E-2", "cnt_insert1": "Cnt I",
 }
 LETTERS = "ABCD"
-# Option order of tries 1..3 as indices into the try-0 order (vnbench.md §5); try 0 is the identity.
+# Option order of tries 1..3 as indices into the try-0 order (the published annotations); try 0 is the identity.
 TRY_PERMUTATIONS = ((0, 1, 2, 3), (0, 3, 1, 2), (1, 3, 2, 0), (3, 2, 0, 1))
 ANSWER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 FIELDS = ("video", "question", "options", "gt", "gt_option", "type", "try", "needle_time", "length")
@@ -48,9 +49,15 @@ def subtask_from_video(video: str) -> str | None:
 
 
 def official_prompt(question: str, options: list[str] | tuple[str, ...]) -> str:
-    """The prompt of the official README and LLaVA example (vnbench.md §6)."""
+    """The prompt of the official README and LLaVA example (github.com/joez17/VideoNIAH, llava_examples/)."""
     lines = [question] + [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
     return "\n".join(lines + [ANSWER_INSTRUCTION])
+
+
+def question_part(question: str) -> str:
+    """The leading part of `official_prompt` that a sample's tries share: the question line, newline
+    included (so the tokenizer does not merge across the split)."""
+    return question + "\n"
 
 
 def permuted_options(options_try0: list[str] | tuple[str, ...]) -> list[list[str]]:
@@ -69,7 +76,7 @@ class Record:
     options: tuple[str, ...]
     gt: str
     gt_option: str
-    label: str  # the published `type` field, possibly swapped (vnbench.md §3)
+    label: str  # the published `type` field, possibly swapped (docs/scoring.md)
     try_index: int
     needle_time: tuple[float, ...]
     length: float
@@ -124,7 +131,7 @@ def parse_record(raw: Any, index: int, source: str = "annotations") -> Record:
         raise _fail(source, index, "options", f"expected a list of 4 options, got {options!r}")
     if any(isinstance(o, bool) or not isinstance(o, (str, int, float)) for o in options):
         raise _fail(source, index, "options", f"options must be strings or numbers, got {options!r}")
-    options = tuple(str(o) for o in options)  # counting options may be ints (vnbench.md §4)
+    options = tuple(str(o) for o in options)  # counting options may be ints in the published file
     if any(not o.strip() for o in options):
         raise _fail(source, index, "options", f"options must not be blank, got {list(options)}")
     if len(set(options)) != 4:
@@ -238,7 +245,7 @@ def stratified_subset(samples: list[Sample], per_task: int, seed: int = 0) -> li
 
 
 def resolve_video(video_name: str, video_dir: str | Path) -> Path:
-    """The local file of a record's video: its basename under `video_dir` (vnbench.md §12.2)."""
+    """The local file of a record's video: its basename under `video_dir` (docs/data.md)."""
     path = Path(video_dir) / PurePosixPath(video_name.replace("\\", "/")).name
     if not path.is_file():
         raise FileNotFoundError(

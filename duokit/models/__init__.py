@@ -13,10 +13,13 @@ from typing import Any
 from duokit.models.tiny import TINY_FAMILIES, tiny_path
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
+# The default cap on pixels per frame handed to processors that resize by pixel count (Qwen-VL): 448 x 448,
+# 128 language-model tokens per frame for Qwen2/2.5-VL at any input resolution (docs/video.md).
+DEFAULT_MAX_PIXELS = 448 * 448
 SHIPPED_MODELS = ("needlenet",)  # trained models inside the package, under duokit/assets/<name> (docs/needlenet.md)
 
-__all__ = ["DEFAULT_MODEL", "TINY_FAMILIES", "Adapter", "Prefix", "adapter_for", "adapters", "answer_parser",
-           "duokit_metadata", "load_vlm", "resolve_model_path"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MODEL", "TINY_FAMILIES", "Adapter", "Prefix", "adapter_for", "adapters",
+           "answer_parser", "duokit_metadata", "load_vlm", "resolve_model_path", "resolve_precision"]
 
 
 def __getattr__(name: str) -> Any:
@@ -80,40 +83,68 @@ def adapter_for(model_type: str) -> type:
     raise ValueError(f"model type {model_type!r} is not supported by duokit; supported: {', '.join(known)}")
 
 
-def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Any, Any, Any]:
-    """Load `(model, processor, adapter)`; dtype/device "auto" pick fp16 on T4, bf16 on sm80+, fp32 on CPU."""
-    import torch
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+def _model_config(name_or_path: str) -> tuple[str, Any, type, Any]:
+    """(path, config, adapter class, transformers auto class) of a model name, reading its config only."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from duokit.runtime import pick_device, pick_dtype
+    from duokit.models.loading import ModelLoadError, load_config
 
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path)
-    adapter_cls = adapter_for(config.model_type)
+    config = load_config(name_or_path, path)
+    try:
+        adapter_cls = adapter_for(config.model_type)
+    except ValueError as err:
+        raise ModelLoadError(f"model {name_or_path}: {err}") from err
+    loader = AutoModelForImageTextToText if adapter_cls.is_multimodal else AutoModelForCausalLM
+    return path, config, adapter_cls, loader
+
+
+def resolve_precision(name_or_path: str, dtype: Any = "auto", device: Any = "auto") -> tuple[Any, Any]:
+    """(torch device, torch dtype) `load_vlm` would use, from the model's config only (no weights)."""
+    import torch
+
+    from duokit.models.loading import resolve_dtype
+    from duokit.runtime import pick_device
+
+    _, config, _, loader = _model_config(name_or_path)
+    device = torch.device(pick_device() if device == "auto" else device)
+    return device, resolve_dtype(name_or_path, config, device, dtype, loader=loader)
+
+
+def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto", max_pixels: int | None = None,
+             min_pixels: int | None = None, attn_implementation: str = "auto") -> tuple[Any, Any, Any]:
+    """Load `(model, processor, adapter)`.
+
+    dtype "auto": fp32 on CPU, bf16 on sm80+, fp16 on older GPUs except Qwen-VL (fp32 or refused);
+    attn_implementation "auto": flash_attention_2 where it can run, else sdpa (duokit.models.loading).
+    `max_pixels`/`min_pixels`: pixels per frame the processor resizes frames into (Qwen-VL; None: the
+    processor's own, capped at DEFAULT_MAX_PIXELS; docs/video.md). A model that cannot be loaded raises
+    `ModelLoadError` with one line naming the model and the fix.
+    """
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from duokit.models.loading import explain_load_error, pick_attn_implementation, resolve_dtype
+    from duokit.runtime import pick_device
+
+    path, config, adapter_cls, loader = _model_config(name_or_path)
     # The M-RoPE rule for text after a video the model was trained with (Qwen-VL; docs/architecture.md).
     text_after_video = duokit_metadata(path).get("text_after_video")
     if text_after_video is not None and text_after_video not in getattr(adapter_cls, "text_after_video_rules", ()):
         raise ValueError(f"{Path(path) / 'duokit.json'}: text_after_video {text_after_video!r} is not a rule of "
                          f"{config.model_type} models; Qwen-VL models take 'qwen' or 'transformers'")
     device = torch.device(pick_device() if device == "auto" else device)
-    dtype = pick_dtype(str(device)) if dtype == "auto" else dtype
-    if isinstance(dtype, str):  # "bfloat16" -> torch.bfloat16
-        torch_dtypes = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-        if dtype not in torch_dtypes:
-            raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
-        dtype = torch_dtypes[dtype]
-    loader = AutoModelForImageTextToText if adapter_cls.is_multimodal else AutoModelForCausalLM
-    # Weights load straight onto the device (a Colab VM has less RAM than an A100 has memory).
-    model = loader.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map=str(device))
+    dtype = resolve_dtype(name_or_path, config, device, dtype, loader=loader)
+    attention = pick_attn_implementation(device, dtype, attn_implementation)
+    try:
+        # Weights load straight onto the device (a Colab VM has less RAM than an A100 has memory).
+        model = loader.from_pretrained(path, dtype=dtype, attn_implementation=attention, device_map=str(device))
+        processor = (AutoProcessor if adapter_cls.is_multimodal else AutoTokenizer).from_pretrained(path)
+    except OSError as err:
+        raise explain_load_error(name_or_path, err) from err
     model.eval()
-    processor = (AutoProcessor if adapter_cls.is_multimodal else AutoTokenizer).from_pretrained(path)
     adapter = adapter_cls(model, processor)
+    adapter.set_pixel_limits(max_pixels, min_pixels)
     if text_after_video is not None:
         adapter.text_after_video = text_after_video
     return model, processor, adapter

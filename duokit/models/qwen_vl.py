@@ -1,6 +1,6 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one video placeholder expanded by the processor, M-RoPE positions.
 
-Prefix embedding follows reference transformers.md §7 ("Pixel path ≡ embeddings path"): video
+Prefix embedding follows transformers 5.23's own VLM forward (the pixel path equals the embeddings path): video
 features from `get_video_features` scattered into the token embeddings at the video-token positions,
 and `(3, 1, L)` positions from `get_rope_index` (given `mm_token_type_ids`, which Qwen2-VL and Qwen3-VL
 require), with the text after each video placed by the adapter's `text_after_video` rule: "qwen" (Qwen's
@@ -8,24 +8,17 @@ own code: one past the video's largest position) or "transformers" (`get_rope_in
 5.3-5.23 as is); docs/architecture.md, "M-RoPE positions". A try's suffix and its generated tokens
 continue after the prefix's last (text) position, as `generate` continues its position ids. Qwen3-VL
 also adds deepstack features to the video tokens' hidden states in its first decoder layers; they are
-kept in `Prefix.layer_inputs` and sliced per prefill chunk.
+kept in `Prefix.layer_inputs` (one row per video token) and sliced per prefill chunk.
 """
 
 from __future__ import annotations
 
-from itertools import pairwise
 from typing import Any
 
 import torch
 
-from duokit.models.base import Adapter, Prefix
-
-
-def mask_runs(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
-    """(start, end, value) of each run of equal values of a 1-D bool tensor, in order."""
-    changes = ((mask[1:] != mask[:-1]).nonzero()[:, 0] + 1).tolist()
-    bounds = [0, *changes, len(mask)]
-    return [(start, end, bool(mask[start])) for start, end in pairwise(bounds)]
+from duokit.models import DEFAULT_MAX_PIXELS
+from duokit.models.base import Adapter, Grid, Prefix, mask_runs
 
 
 def qwen_text_after_video(position_ids: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
@@ -59,9 +52,77 @@ class QwenVLAdapter(Adapter):
     text_after_video_rules = ("qwen", "transformers")
     text_after_video = "qwen"
 
+    max_pixels: int | None = None  # per frame; None: the processor's own cap, lowered to DEFAULT_MAX_PIXELS
+    min_pixels: int | None = None  # per frame; None: the processor's own floor
+
     @property
     def video_token_id(self) -> int:
         return self.model.config.video_token_id
+
+    def video_grids(self, inputs: Any) -> tuple[Grid, ...]:
+        if "video_grid_thw" not in inputs:
+            return ()
+        merge = self.model.config.vision_config.spatial_merge_size  # the merger joins merge x merge patches
+        return tuple((int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["video_grid_thw"].tolist())
+
+    def set_pixel_limits(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
+        for name, value in (("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 pixel per frame, got {value}")
+        if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+            raise ValueError(f"min_pixels {min_pixels} is more than max_pixels {max_pixels}")
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+
+    @property
+    def budget_per_video(self) -> bool:
+        """Qwen3-VL's video `size` bounds the pixels of the whole video (T·H·W), Qwen2/2.5-VL's one frame."""
+        return self.model.config.model_type == "qwen3_vl"
+
+    def size_kwargs(self, num_frames: int) -> dict:
+        """`size` in pixels per frame, scaled to the whole video for Qwen3-VL (its `smart_resize` counts
+        frames rounded to the temporal patch), and no extra per-video cap (`cap_pixels_per_frame`)."""
+        video_processor = self.processor.video_processor
+        own = video_processor.size
+        frames = 1
+        if self.budget_per_video:
+            temporal = video_processor.temporal_patch_size
+            frames = max(round(num_frames / temporal), 1) * temporal
+        longest = own["longest_edge"] if self.max_pixels is None else self.max_pixels * frames
+        if self.max_pixels is None:
+            longest = min(longest, DEFAULT_MAX_PIXELS * frames)
+        shortest = own["shortest_edge"] if self.min_pixels is None else self.min_pixels * frames
+        return {"size": {"shortest_edge": min(shortest, longest), "longest_edge": longest},
+                "cap_pixels_per_frame": False}
+
+    def video_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patches of a `num_frames`-frame video of height x width px after the processor's
+        resize, by the processor's own `smart_resize` rule (docs/video.md, "Tokens per frame")."""
+        video_processor = self.processor.video_processor
+        size = self.size_kwargs(num_frames)["size"]
+        patch, temporal = video_processor.patch_size, video_processor.temporal_patch_size
+        factor = patch * video_processor.merge_size
+        if self.budget_per_video:
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+            h, w = smart_resize(num_frames, height, width, temporal, factor,
+                                size["shortest_edge"], size["longest_edge"])
+        else:
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+            h, w = smart_resize(height, width, factor, size["shortest_edge"], size["longest_edge"])
+        return -(-num_frames // temporal), h // patch, w // patch
+
+    def vision_sequence(self, inputs: Any) -> tuple[int, int]:
+        if "video_grid_thw" not in inputs:
+            return 0, 0
+        grid = inputs["video_grid_thw"].tolist()
+        # Full-attention vision blocks attend within one temporal patch (h x w patches) at a time.
+        return sum(t * h * w for t, h, w in grid), max(h * w for _, h, w in grid)
+
+    def tokens_per_frame(self, num_frames: int, height: int, width: int) -> float:
+        """Language-model tokens per frame: one per merge x merge patches of each temporal patch."""
+        t, h, w = self.video_grid(num_frames, height, width)
+        return t * h * w / self.processor.video_processor.merge_size ** 2 / num_frames
 
     def embed_prefix(self, inputs: Any) -> Prefix:
         core = self.model.model
@@ -72,7 +133,8 @@ class QwenVLAdapter(Adapter):
             embeds = core.get_input_embeddings()(input_ids)
             if "pixel_values_videos" not in inputs:
                 length = input_ids.shape[1]
-                return Prefix(input_ids, embeds, self.positions(0, length), video_mask, next_position=length)
+                return self.with_layout(Prefix(input_ids, embeds, self.positions(0, length), video_mask,
+                                               next_position=length), inputs)
             video = core.get_video_features(pixel_values_videos=inputs["pixel_values_videos"],
                                             video_grid_thw=inputs["video_grid_thw"], return_dict=True)
             features = torch.cat(video.pooler_output, dim=0).to(embeds.device, embeds.dtype)
@@ -97,8 +159,9 @@ class QwenVLAdapter(Adapter):
         if video_mask[-1]:
             raise ValueError("a Qwen-VL prefix must end with a text token (<|vision_end|>) so the "
                              "position of the text after it is known; check the chat template")
-        return Prefix(input_ids, embeds, position_ids, video_mask,
-                      next_position=int(position_ids[0, 0, -1]) + 1, layer_inputs=layer_inputs)
+        return self.with_layout(Prefix(input_ids, embeds, position_ids, video_mask,
+                                       next_position=int(position_ids[0, 0, -1]) + 1, layer_inputs=layer_inputs),
+                                inputs)
 
     def positions(self, start: int, count: int) -> torch.Tensor:
         return super().positions(start, count)[None].expand(3, 1, count)

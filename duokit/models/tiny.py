@@ -4,7 +4,7 @@ Tests and CPU smoke runs use them. Each is built once, saved with `save_pretrain
 `$DUOKIT_CACHE/tiny/<family>-<seed>-<hash>` (default `~/.cache/duokit`) and then loaded back by
 `load_vlm` through the same `from_pretrained` path a hub checkpoint takes. `<hash>` is a hash of
 this module, so a changed builder never reuses a stale model. Configs follow
-/work/shared/reference/transformers.md §6 ("Tiny random-init VLMs for CPU CI", "Tiny-config gotchas"):
+the smallest shapes transformers 5.23's model classes accept:
 text model of 2 layers, hidden 64, 4 query heads, 2 KV heads (head_dim 16), 2-layer vision towers.
 
 The tokenizer is byte-level BPE with no merges (every UTF-8 byte is one token, so any prompt

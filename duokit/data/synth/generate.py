@@ -1,6 +1,6 @@
 """The synthesizer: haystacks x sub-tasks -> in-memory samples (frames + QA), each from its own seed.
 
-As in VNBench every haystack is used once in each sub-task (vnbench.md §2). Every random stream is
+As in VNBench every haystack is used once in each sub-task (the published annotations). Every random stream is
 seeded by `split_seed(split, seed, ...)`, so the same config gives the same frames and records, and the
 train and eval splits share no seed (splits.py).
 """

@@ -204,7 +204,7 @@ class FileNeedle:
         return np.asarray(canvas)
 
     def frame(self, height: int, width: int) -> np.ndarray:
-        """The image letterboxed on black to the frame size (vnbench.md §8 step 5), read-only."""
+        """The image letterboxed on black to the frame size (docs/synth.md), read-only."""
         image = self._image().convert("RGB")
         image.thumbnail((width, height), Image.BILINEAR)
         canvas = Image.new("RGB", (width, height), (0, 0, 0))

@@ -1,6 +1,6 @@
 """Needles on a haystack: subtitles and stickers edited into frames, pictures inserted as new frames.
 
-Layout of the subtitle (vnbench.md §8 step 4, a third party's measurement of the official videos): white
+Layout of the subtitle (a third party's measurement of the official videos; docs/synth.md): white
 text, font about 6% of the frame height, on an RGB(80, 80, 80) box whose bottom edge is at 85% of the
 frame height, horizontally centred.
 """

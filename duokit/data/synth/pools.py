@@ -1,14 +1,14 @@
-"""Answer pools of the nine VNBench sub-tasks (vnbench.md §2 table, §8 step 5)."""
+"""Answer pools of the nine VNBench sub-tasks (the VNBench annotations; docs/synth.md)."""
 
 from __future__ import annotations
 
-# One name per letter A-Z, verbatim from the VNBench edit options (vnbench.md §2).
+# One name per letter A-Z, verbatim from the VNBench edit options (the published annotations).
 NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Harry", "Ivy", "Jack", "Kate", "Leo", "Mary",
     "Nick", "Olivia", "Paul", "Quentin", "Rachel", "Sam", "Tom", "Uma", "Victor", "Wendy", "Xander",
     "Yvonne", "Zach",
 )
-# The 12 fruits of ret_insert1 / ord_insert1 (vnbench.md §2).
+# The 12 fruits of ret_insert1 / ord_insert1 (the published annotations).
 FRUITS = (
     "apple", "banana", "orange", "lemon", "pear", "coconut", "blueberry", "mango", "grapes", "strawberry",
     "peach", "kiwifruit",

@@ -1,4 +1,4 @@
-"""The nine VNBench sub-tasks: needles, question, options and the four tries (vnbench.md §2, §5, §8).
+"""The nine VNBench sub-tasks: needles, question, options and the four tries (VNBench annotations; docs/synth.md).
 
 A builder takes a haystack and a seeded RNG and returns a `SynthSample`: the output frames, the QA of
 try 0, and where every needle occurrence sits. `SynthSample.records` gives the four VNBench records.
@@ -18,7 +18,7 @@ from duokit.data.synth.needles import insert_clips, sample_starts, sticker_patch
 from duokit.data.synth.pools import NAMES, plural
 from duokit.data.vnbench import LETTERS, permuted_options
 
-# Questions verbatim from the VNBench annotations (vnbench.md §2 table).
+# Questions verbatim from the VNBench annotations (huggingface.co/datasets/videoniah/VNBench).
 QUESTIONS = {
     "ret_edit1": "What is the secret word?",
     "ret_insert1": "What kind of fruit appears in this video?",

@@ -40,7 +40,7 @@ class TrainingConfig:
     size: tuple[int, int] = (64, 64)  # width, height
     needles: tuple[int, int] = (2, 5)  # needles per video, min and max
     depths: tuple[float, ...] = DEPTH_GRID
-    # 2 frames = one temporal patch of Qwen2.5-VL (temporal_patch_size 2, needlenet-probe.md)
+    # 2 frames = one temporal patch of Qwen2.5-VL (temporal_patch_size 2 in its preprocessor_config.json)
     needle_frames: int = 2
     kinds: tuple[str, ...] = KINDS  # needle kind of sample i: kinds[i % len(kinds)]
     seed: int = 0

@@ -1,5 +1,5 @@
 """Write a synthetic set to disk: DIR/videos/<haystack>_<subtask>.mp4, DIR/annotations.json (the VNBench
-schema, vnbench.md §4) and DIR/manifest.json (seeds and sources, for the held-out guarantee)."""
+schema) and DIR/manifest.json (seeds and sources, for the held-out guarantee)."""
 
 from __future__ import annotations
 

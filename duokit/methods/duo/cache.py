@@ -1,8 +1,8 @@
-"""A KV cache that stores retrieval and streaming KV heads separately (duoattention.md §8.2).
+"""A KV cache that stores retrieval and streaming KV heads separately (docs/duoattention.md).
 
 Retrieval heads keep every token; streaming heads keep the first `sink` tokens and the `recent`
 most recent ones, so their memory is really never allocated beyond sink + recent. The recipe is the
-per-head layer of transformers.md §5: `update` returns a `SplitKV` (not a tensor), which the model
+per-head layer of transformers' `Cache` / `CacheLayerMixin` API: `update` returns a `SplitKV` (not a tensor), which the model
 hands unchanged to the `duokit_duo` attention function; eviction happens after the current step.
 Batch size 1 only: no padding masks, no beam search, no cropping.
 """
@@ -18,6 +18,33 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass(frozen=True)
+class HeadPlan:
+    """The head layout of one layer: which KV heads are retrieval / streaming heads, and the streaming
+    window (the `sink` first tokens, the `recent` tokens before the query, the query itself)."""
+
+    retrieval_heads: tuple[int, ...]
+    streaming_heads: tuple[int, ...]
+    sink: int
+    recent: int
+    full_first_chunk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(f"sink and recent must be >= 0, got sink={self.sink}, recent={self.recent}")
+
+    @classmethod
+    def from_row(cls, retrieval: Sequence[bool], sink: int, recent: int, full_first_chunk: bool = False) -> HeadPlan:
+        """From one layer's row of the retrieval matrix (True = retrieval KV head)."""
+        return cls(tuple(i for i, keep in enumerate(retrieval) if keep),
+                   tuple(i for i, keep in enumerate(retrieval) if not keep), int(sink), int(recent),
+                   bool(full_first_chunk))
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.retrieval_heads) + len(self.streaming_heads)
+
+
+@dataclass(frozen=True)
 class SplitKV:
     """Keys (or values) of one layer for the current step, the two head groups apart.
 
@@ -27,13 +54,9 @@ class SplitKV:
 
     retrieval: torch.Tensor  # [B, len(retrieval_heads), past_length + q_len, D]
     streaming: torch.Tensor  # [B, len(streaming_heads), cached + q_len, D]
-    retrieval_heads: tuple[int, ...]
-    streaming_heads: tuple[int, ...]
-    sink: int
-    recent: int
+    plan: HeadPlan
     past_length: int
     streaming_offset: int
-    full_first_chunk: bool
 
 
 def select_heads(states: torch.Tensor, heads: tuple[int, ...], dim: int = 1) -> torch.Tensor:
@@ -56,28 +79,24 @@ class DuoLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, retrieval: Sequence[bool], sink: int, recent: int, full_first_chunk: bool = False):
+    def __init__(self, plan: HeadPlan):
         super().__init__()
-        if sink < 0 or recent < 0:
-            raise ValueError(f"sink and recent must be >= 0, got sink={sink}, recent={recent}")
-        self.retrieval_heads = tuple(i for i, keep in enumerate(retrieval) if keep)
-        self.streaming_heads = tuple(i for i, keep in enumerate(retrieval) if not keep)
-        self.sink, self.recent, self.full_first_chunk = int(sink), int(recent), bool(full_first_chunk)
+        self.plan = plan
         self.streaming_keys: torch.Tensor | None = None
         self.streaming_values: torch.Tensor | None = None
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        num_kv_heads = len(self.retrieval_heads) + len(self.streaming_heads)
-        if key_states.shape[1] != num_kv_heads:
-            raise ValueError(f"DuoLayer expects {num_kv_heads} KV heads, got keys of shape {tuple(key_states.shape)}")
+        if key_states.shape[1] != self.plan.num_kv_heads:
+            raise ValueError(f"DuoLayer expects {self.plan.num_kv_heads} KV heads, got keys of shape {tuple(key_states.shape)}")
         if key_states.shape[0] != 1:
             raise ValueError(f"the DuoAttention cache supports batch size 1 only, got {key_states.shape[0]}")
         self.dtype, self.device = key_states.dtype, key_states.device
+        retrieval, streaming = self.plan.retrieval_heads, self.plan.streaming_heads
         empty = key_states[:, :, :0]
-        self.keys, self.streaming_keys = select_heads(empty, self.retrieval_heads), select_heads(empty, self.streaming_heads)
+        self.keys, self.streaming_keys = select_heads(empty, retrieval), select_heads(empty, streaming)
         empty = value_states[:, :, :0]
-        self.values, self.streaming_values = select_heads(empty, self.retrieval_heads), select_heads(empty, self.streaming_heads)
+        self.values, self.streaming_values = select_heads(empty, retrieval), select_heads(empty, streaming)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[SplitKV, SplitKV]:
@@ -88,23 +107,22 @@ class DuoLayer(DynamicLayer):
         cached = self.streaming_keys.shape[-2]
         offset = past_length - cached
         self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, select_heads(key_states, self.retrieval_heads)], dim=-2)
-        self.values = torch.cat([self.values, select_heads(value_states, self.retrieval_heads)], dim=-2)
-        streaming_keys = torch.cat([self.streaming_keys, select_heads(key_states, self.streaming_heads)], dim=-2)
-        streaming_values = torch.cat([self.streaming_values, select_heads(value_states, self.streaming_heads)], dim=-2)
-        layout = {"retrieval_heads": self.retrieval_heads, "streaming_heads": self.streaming_heads,
-                  "sink": self.sink, "recent": self.recent, "past_length": past_length,
-                  "streaming_offset": offset, "full_first_chunk": self.full_first_chunk}
-        split = (SplitKV(self.keys, streaming_keys, **layout), SplitKV(self.values, streaming_values, **layout))
+        retrieval, streaming = self.plan.retrieval_heads, self.plan.streaming_heads
+        self.keys = torch.cat([self.keys, select_heads(key_states, retrieval)], dim=-2)
+        self.values = torch.cat([self.values, select_heads(value_states, retrieval)], dim=-2)
+        streaming_keys = torch.cat([self.streaming_keys, select_heads(key_states, streaming)], dim=-2)
+        streaming_values = torch.cat([self.streaming_values, select_heads(value_states, streaming)], dim=-2)
+        split = (SplitKV(self.keys, streaming_keys, self.plan, past_length, offset),
+                 SplitKV(self.values, streaming_values, self.plan, past_length, offset))
         # Evict after this step: the current chunk still attends to its own tokens.
         self.streaming_keys, self.streaming_values = self._evict(streaming_keys), self._evict(streaming_values)
         return split
 
     def _evict(self, states: torch.Tensor) -> torch.Tensor:
-        length = states.shape[-2]
-        if length <= self.sink + self.recent:
+        length, sink, recent = states.shape[-2], self.plan.sink, self.plan.recent
+        if length <= sink + recent:
             return states
-        return torch.cat([states[..., :self.sink, :], states[..., length - self.recent:, :]], dim=-2)
+        return torch.cat([states[..., :sink, :], states[..., length - recent:, :]], dim=-2)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -126,18 +144,16 @@ class DuoLayer(DynamicLayer):
 
 
 class DuoCache(Cache):
-    """One `DuoLayer` per language-model layer; `retrieval[layer][kv_head]` is True for retrieval heads."""
+    """One `DuoLayer` per language-model layer, laid out by its `HeadPlan`."""
 
-    def __init__(self, retrieval: Sequence[Sequence[bool]], sink: int, recent: int, full_first_chunk: bool = False):
-        super().__init__(layers=[DuoLayer(row, sink, recent, full_first_chunk) for row in retrieval])
+    def __init__(self, plans: Sequence[HeadPlan]):
+        super().__init__(layers=[DuoLayer(plan) for plan in plans])
 
 
-def duo_kv_bytes(retrieval: Sequence[Sequence[bool]], sink: int, recent: int, head_dim: int,
-                 num_tokens: int, dtype_bytes: int, batch_size: int = 1) -> int:
-    """Exact bytes a `DuoCache` holds after `num_tokens` tokens (duoattention.md §8.4):
+def duo_kv_bytes(plans: Sequence[HeadPlan], head_dim: int, num_tokens: int, dtype_bytes: int,
+                 batch_size: int = 1) -> int:
+    """Exact bytes a `DuoCache` holds after `num_tokens` tokens (docs/duoattention.md, "KV memory"):
     2·D·b·B·Σ_layers(n_retrieval·T + n_streaming·min(T, sink + recent))."""
-    heads_x_tokens = sum(
-        sum(1 for keep in row if keep) * num_tokens + sum(1 for keep in row if not keep) * min(num_tokens, sink + recent)
-        for row in retrieval
-    )
+    heads_x_tokens = sum(len(plan.retrieval_heads) * num_tokens
+                         + len(plan.streaming_heads) * min(num_tokens, plan.sink + plan.recent) for plan in plans)
     return 2 * head_dim * dtype_bytes * batch_size * heads_x_tokens

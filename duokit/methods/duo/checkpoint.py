@@ -2,7 +2,7 @@
 
 One file, `RUN/ckpt/latest.pt`, rewritten every K steps: serialised in memory, written to a temp file
 in the same folder and `os.replace`d (so a Drive copy is either the old or the new checkpoint, never a
-torn one — transformers.md §9 "Drive practice"). It loads with `torch.load(weights_only=True)`, so
+torn one — write-then-rename, docs/colab.md). It loads with `torch.load(weights_only=True)`, so
 every RNG state is stored as tensors and plain Python values only.
 """
 

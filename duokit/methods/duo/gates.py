@@ -1,24 +1,25 @@
-"""DuoAttention gates and the mixed attention they train (duoattention.md §2).
+"""DuoAttention gates and the mixed attention they train (mit-han-lab/duo-attention).
 
 One gate α ∈ [0, 1] per (layer, KV head), initialised at 1. The batch holds the teacher (first half,
 plain causal attention) and the student (second half) — the official "two-way" forward. Each student
-KV head outputs `α·full + (1 − α)·streaming`, where streaming attention sees the first `sink` tokens
-and the `recent` latest ones (the query itself included: the official sdpa training mask,
-`generate_streaming_mask`, §2). Two variants of `full`:
+KV head outputs `α·full + (1 − α)·streaming`, where streaming attention sees the first `sink` tokens,
+the `recent` tokens before the query and the query itself: the window of inference (duokit's one
+convention for `recent`, docs/duoattention.md "The meaning of `recent`"). The official training mask
+(`generate_streaming_mask`, §2) counts the query among its `recent` tokens, one fewer. Two variants of `full`:
 
 - `paper` (default): full attention on the student's own q/k/v — the paper's formula.
 - `official-teacher`: the teacher's full-attention output at that layer, as the released
   `llama_duo_attention_forward_two_way` does; it saves one full-attention pass per layer (§2 caveat).
 
 The function is registered with transformers' `AttentionInterface` under its own name and selected
-for the language model only; the gates and settings reach it through an attribute of each attention
-module (`duokit_duo_gates`), since the attention function gets the module but not the model.
+for the language model only (`duokit.methods.attention.select_attention`); the gates and settings reach
+it through an attribute of each attention module (`duokit_duo_gates`), since the attention function
+gets the module but not the model.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -26,9 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from duokit.methods.attention import select_attention
+
 TRAINING_ATTENTION = "duokit_duo_train"
 VARIANTS = ("paper", "official-teacher")
-# Official `initial_value` (duoattention.md §2, §5); the VILA port's 0.5 is not used.
+# Official `initial_value` (mit-han-lab/duo-attention); the VILA port's 0.5 is not used.
 INITIAL_GATE = 1.0
 
 
@@ -59,13 +62,14 @@ class MixedAttentionPlan:
 
 @lru_cache(maxsize=4)
 def streaming_mask(length: int, sink: int, recent: int, device: torch.device) -> torch.Tensor:
-    """`[length, length]` bool: query i sees key j iff j <= i and (j < sink or i − j < recent).
+    """`[length, length]` bool: query i sees key j iff j <= i and (j < sink or i − j <= recent).
 
-    The official `generate_streaming_mask` (`triu(diagonal=1 − recent) | first sink columns`, causal).
+    The official `generate_streaming_mask` (`triu(diagonal=1 − recent) | first sink columns`, causal)
+    with its window one token wider, so that it equals inference's window for the same `recent`.
     """
     query = torch.arange(length, device=device)[:, None]
     key = torch.arange(length, device=device)[None, :]
-    return (key <= query) & ((key < sink) | (query - key < recent))
+    return (key <= query) & ((key < sink) | (query - key <= recent))
 
 
 def _expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -110,46 +114,17 @@ def mixed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return torch.cat([teacher, student]).transpose(1, 2).contiguous(), None
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The language model's attention modules (the vision tower's have another config)."""
-    text_config = model.config.get_text_config()
-    return [m for m in model.modules() if getattr(m, "config", None) is text_config and hasattr(m, "layer_idx")
-            and hasattr(m, "num_key_value_groups")]
-
-
-@contextlib.contextmanager
-def select_attention(model: torch.nn.Module, name: str, function: Any, attribute: str, value: Any) -> Iterator[None]:
-    """Register `function` as `name`, select it for the language model only and give each of its
-    attention modules `attribute = value`; restore the previous implementation on exit."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(name, function)
-    text_config = model.config.get_text_config()
-    is_vlm = text_config is not model.config
-    previous = text_config._attn_implementation
-    modules = attention_modules(model)
-    model.set_attn_implementation({"text_config": name} if is_vlm else name)
-    for module in modules:
-        setattr(module, attribute, value)
-    try:
-        yield
-    finally:
-        for module in modules:
-            delattr(module, attribute)
-        model.set_attn_implementation({"text_config": previous} if is_vlm else previous)
-
-
 def enable_gate_training(model: torch.nn.Module, gates: DuoGates, sink: int, recent: int,
                          variant: str = "paper") -> contextlib.AbstractContextManager:
     """Select the mixed attention for the language model only (a context manager that undoes it)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if sink < 0 or recent < 1:
-        raise ValueError(f"need sink >= 0 and recent >= 1, got sink={sink}, recent={recent}")
+    if sink < 0 or recent < 0:
+        raise ValueError(f"need sink >= 0 and recent >= 0, got sink={sink}, recent={recent}")
     text_config = model.config.get_text_config()
     expected = (text_config.num_hidden_layers, text_config.num_key_value_heads)
     if tuple(gates.gates.shape) != expected:
         raise ValueError(f"gates have shape {tuple(gates.gates.shape)}; the model needs {expected} "
                          "(layers x KV heads)")
     plan = MixedAttentionPlan(gates, sink, recent, variant)
-    return select_attention(model, TRAINING_ATTENTION, mixed_attention, "duokit_duo_gates", plan)
+    return select_attention(model, TRAINING_ATTENTION, mixed_attention, "duokit_duo_gates", lambda module: plan)

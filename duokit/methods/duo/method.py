@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from duokit.methods.base import Method, register_method
-from duokit.methods.duo.pattern import Pattern, binarize, load_pattern
+from duokit.methods.attention import select_attention
+from duokit.methods.base import Method, causal_pairs, register_method, score_flops
+from duokit.methods.duo.attention import ATTENTION_NAME, PLAN_ATTRIBUTE, duo_attention
+from duokit.methods.duo.cache import DuoCache, HeadPlan, duo_kv_bytes
+from duokit.methods.duo.pattern import Pattern, binarize, load_pattern, save_pattern
 
 
 @register_method
 @dataclass
 class Duo(Method):
     """Settings: `pattern` (official pattern directory), `sparsity` (fraction of streaming KV heads,
-    global quantile rule), `sink`/`recent` (deploy sizes; the paper's 64/256, duoattention.md §7),
-    `per_layer` (the quantile within each layer instead of globally), `full_first_chunk` (the
-    official code's full attention on every head for the first prefill chunk, §8.2)."""
+    global quantile rule), `sink`/`recent` (deploy sizes, the paper's 64/256: a streaming head keeps the
+    first `sink` tokens and the `recent` tokens before the query), `per_layer` (the quantile within each
+    layer instead of globally), `full_first_chunk` (the official code's full attention on every head
+    for the first prefill chunk); docs/duoattention.md."""
 
     name = "duo"
+    derived_settings = ("pattern_sha256",)
     pattern: str | None = None
     sparsity: float = 0.5
     sink: int = 64
@@ -55,46 +61,49 @@ class Duo(Method):
         """Boolean [layers, KV heads] matrix: True = retrieval head."""
         return binarize(self.loaded_pattern.gates, self.sparsity, per_layer=self.per_layer)[0]
 
-    def retrieval_for(self, num_layers: int, num_kv_heads: int) -> np.ndarray:
-        """`retrieval`, after checking that the pattern has the model's shape."""
+    def head_plans(self, num_layers: int, num_kv_heads: int) -> tuple[HeadPlan, ...]:
+        """One `HeadPlan` per layer, after checking that the pattern has the model's shape."""
         self.loaded_pattern.check_shape(num_layers, num_kv_heads)
-        return self.retrieval
+        return tuple(HeadPlan.from_row(row.tolist(), self.sink, self.recent, self.full_first_chunk)
+                     for row in self.retrieval)
 
-    @contextlib.contextmanager
-    def apply(self, model: Any, adapter: Any) -> Iterator[None]:
-        from duokit.methods.duo.attention import ATTENTION_NAME, register
+    def install(self, model: Any, adapter: Any) -> contextlib.AbstractContextManager:
+        plans = self.head_plans(adapter.num_layers, adapter.num_kv_heads)
+        # Language model only: the vision tower keeps its own attention. The plan reaches the attention
+        # function through its module when it gets plain tensors (no DuoCache, e.g. use_cache=False).
+        return select_attention(model, ATTENTION_NAME, duo_attention, PLAN_ATTRIBUTE,
+                                lambda module: plans[module.layer_idx],
+                                modules=[layer.self_attn for layer in adapter.decoder_layers])
 
-        text_config = model.config.get_text_config()
-        retrieval = self.retrieval_for(text_config.num_hidden_layers, text_config.num_key_value_heads)
-        register()
-        is_vlm = text_config is not model.config
-        previous = text_config._attn_implementation
-        modules = [m for m in model.modules() if getattr(m, "config", None) is text_config and hasattr(m, "layer_idx")
-                   and hasattr(m, "num_key_value_groups")]
-        # Language model only: the vision tower keeps its own attention (transformers.md §2).
-        model.set_attn_implementation({"text_config": ATTENTION_NAME} if is_vlm else ATTENTION_NAME)
-        for module in modules:
-            row = retrieval[module.layer_idx]
-            # Read by the attention function only when it gets plain tensors (no DuoCache).
-            module.duokit_duo_plan = (tuple(np.flatnonzero(row).tolist()), tuple(np.flatnonzero(~row).tolist()),
-                                      self.sink, self.recent, self.full_first_chunk)
-        try:
-            yield
-        finally:
-            for module in modules:
-                del module.duokit_duo_plan
-            model.set_attn_implementation({"text_config": previous} if is_vlm else previous)
+    def new_cache(self, lm: Any, prefix: Any) -> DuoCache:
+        return DuoCache(self.head_plans(lm.adapter.num_layers, lm.adapter.num_kv_heads))
 
-    def new_cache(self, model: Any, adapter: Any) -> Any:
-        from duokit.methods.duo.cache import DuoCache
+    def estimate_kv_bytes(self, geometry: Any, tokens: Any) -> int:
+        # Retrieval heads grow with every token; streaming heads stop at sink + recent. The peak is at the end.
+        plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
+        return duo_kv_bytes(plans, geometry.head_dim, tokens.total, geometry.dtype_bytes)
 
-        text_config = model.config.get_text_config()
-        retrieval = self.retrieval_for(text_config.num_hidden_layers, text_config.num_key_value_heads)
-        return DuoCache(retrieval.tolist(), self.sink, self.recent, self.full_first_chunk)
+    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int]) -> dict[str, int]:
+        # Streaming heads score each query against the sink and its window only (the query included).
+        costs = super().estimate_prefill_flops(geometry, tokens_per_layer)
+        groups = geometry.num_heads // geometry.num_kv_heads
+        plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
+        for plan, tokens in zip(plans, tokens_per_layer):
+            window = tokens if plan.full_first_chunk else plan.sink + plan.recent + 1
+            saved = causal_pairs(tokens) - window_pairs(tokens, window)
+            costs["attention_flops"] -= score_flops(len(plan.streaming_heads) * groups, geometry.head_dim, saved)
+        return costs
 
-    def estimate_kv_bytes(self, num_layers: int, num_kv_heads: int, head_dim: int,
-                          num_tokens: int, dtype_bytes: int) -> int:
-        from duokit.methods.duo.cache import duo_kv_bytes
+    @classmethod
+    def conformance_settings(cls, tmp_path: Path, geometry: Any) -> dict[str, Any]:
+        # Sparsity 0 keeps every head a retrieval head: the baseline's attention, through duo's own code.
+        directory = tmp_path / "duo-pattern"
+        save_pattern(directory, np.random.default_rng(0).random((geometry.num_layers, geometry.num_kv_heads)),
+                     sink_size=4, recent_size=16)
+        return {"pattern": str(directory), "sparsity": 0.0, "sink": 4, "recent": 16}
 
-        return duo_kv_bytes(self.retrieval_for(num_layers, num_kv_heads).tolist(), self.sink, self.recent,
-                            head_dim, num_tokens, dtype_bytes)
+
+def window_pairs(tokens: int, window: int) -> int:
+    """(query, key) pairs when query p sees min(p + 1, window) keys."""
+    inside = min(tokens, window)
+    return causal_pairs(inside) + (tokens - inside) * window

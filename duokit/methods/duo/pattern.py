@@ -2,7 +2,7 @@
 
 A pattern directory holds `full_attention_heads.tsv` (one row per layer, one column per KV head,
 real gate values written by `np.savetxt(..., delimiter="\\t")`) and `config.json` (at least
-`sink_size` and `recent_size`). Reference: duoattention.md §6–§7 (`duo_attn/utils.py`:
+`sink_size` and `recent_size`). Reference: mit-han-lab/duo-attention(`duo_attn/utils.py`:
 `load_attn_pattern`, `sparsify_attention_heads`, `save_full_attention_heads`).
 """
 
@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 # The official evaluation scripts call `seed_everything(42)` before `sparsify_attention_heads`, whose
 # tie-breaking noise comes from numpy's legacy global generator; RandomState(42) reproduces it.
 OFFICIAL_SEED = 42
-# `sparsify_attention_heads` adds U(0, 1e-6) noise to break ties (duoattention.md §6).
+# `sparsify_attention_heads` adds U(0, 1e-6) noise to break ties (mit-han-lab/duo-attention).
 TIE_BREAK_NOISE = 1e-6
 
 

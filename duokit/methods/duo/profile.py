@@ -2,10 +2,10 @@
 
 For users without time to train gates: run the frozen model on a few synthetic needle examples and
 score each (layer, KV head) by the attention mass that the queries predicting answer tokens put on
-keys outside the streaming window (not a sink, not among the `recent` latest). A head that reads far
+keys outside the streaming window (not a sink, not among the `recent` tokens before the query). A head that reads far
 context when answering scores high and is kept as a retrieval head. This is attention-profiling
 identification (FastGen / RazorAttention style), which the DuoAttention paper found worse than its
-optimisation (duoattention.md §3, ablations); the pattern's config.json says so in `method`.
+optimisation (mit-han-lab/duo-attentionablations); the pattern's config.json says so in `method`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from duokit.methods.duo.gates import select_attention
+from duokit.methods.attention import select_attention
 
 PROFILE_ATTENTION = "duokit_duo_profile"
 METHOD_LABEL = "attention profiling (training-free fallback, NOT DuoAttention)"
@@ -39,7 +39,7 @@ def far_attention_mass(query: torch.Tensor, key: torch.Tensor, positions: torch.
     keys = torch.arange(key.shape[-2], device=key.device)[None, :]
     rows = positions[:, None]
     logits = logits.masked_fill(keys > rows, float("-inf"))
-    far = (keys >= sink) & (rows - keys >= recent)  # complement of the training streaming window (gates.py)
+    far = (keys >= sink) & (rows - keys > recent)  # complement of the streaming window (gates.py, attention.py)
     return (F.softmax(logits, dim=-1) * far).sum(-1).mean(-1)
 
 
@@ -69,7 +69,7 @@ def profile_heads(adapter: Any, data: Any, num_examples: int, sink: int, recent:
         positions = torch.nonzero(example.answer_mask[1:]).flatten()
         plan = ProfilePlan(sink, recent, positions, far_mass)
         with torch.no_grad(), select_attention(adapter.model, PROFILE_ATTENTION, profiling_attention,
-                                               "duokit_duo_profile", plan):
+                                               "duokit_duo_profile", lambda module, plan=plan: plan):
             adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
                                    use_cache=False, **example.model_kwargs)
     return (far_mass / num_examples).numpy()

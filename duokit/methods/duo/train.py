@@ -1,4 +1,4 @@
-"""DuoAttention gate training on a frozen (video) language model (duoattention.md §2–§5).
+"""DuoAttention gate training on a frozen (video) language model (mit-han-lab/duo-attention).
 
 Per step: one example (train_data.py), doubled into a teacher + student batch; the language model runs
 once with the mixed attention (gates.py); the loss is the MSE between the teacher's and the student's
@@ -32,7 +32,7 @@ from duokit.io import JsonlLog, atomic_write_json, atomic_write_text, iter_jsonl
 if TYPE_CHECKING:  # torch is imported where it is used, so `duokit --help` stays fast
     import torch
 
-# Official defaults actually used (duoattention.md §5, scripts/train.sh and every shipped config.json).
+# Official defaults actually used (mit-han-lab/duo-attentionscripts/train.sh and every shipped config.json).
 OFFICIAL_LR = 0.02
 OFFICIAL_REG_WEIGHT = 0.05
 OFFICIAL_STEPS = 2000
@@ -45,6 +45,16 @@ RESUMABLE_CHANGES = ("save_every", "progress")
 # Which hidden states enter the loss: those AT the answer tokens (the official label alignment, §3),
 # or those PREDICTING them (position t − 1 produces token t; better for one-token answers).
 LOSS_POSITIONS = ("answer", "predicting")
+# Synthetic training frames (width, height). Real VLMs: 448x252 (16:9) is 72 tokens per frame on Qwen2.5-VL
+# (16 x 9 merged 28-px tiles per 2 frames), so 32 frames are ~2,300 video tokens, far beyond sink + recent,
+# and the subtitle needles are set in a 15 px font (6% of the height, docs/synth.md). Tiny models and
+# NeedleNet keep 64x64 (their processors resize to at most 112x112 / 56x56 anyway).
+VLM_FRAME_SIZE = (448, 252)
+SMALL_FRAME_SIZE = (64, 64)
+# Every training sequence must be at least this many times sink + recent tokens long, so at least a fifth of
+# the keys are outside the streaming window at the last query. At or under sink + recent the streaming mask
+# equals the causal one: the distillation loss is exactly 0 and the gates follow the L1 term alone.
+MIN_LENGTH_RATIO = 1.25
 
 
 @dataclass
@@ -61,7 +71,9 @@ class TrainSettings:
     seed: int = 0
     # video data (synthesizer training variant)
     frames: tuple[int, ...] = (32, 64, 128)
-    frame_size: tuple[int, int] = (64, 64)  # width, height
+    frame_size: tuple[int, int] | None = None  # width, height; None: default_frame_size(model)
+    max_pixels: int | None = None  # pixels per frame the processor resizes to (load_vlm; docs/video.md)
+    min_pixels: int | None = None
     fps: float = 2.0
     needles: tuple[int, int] = (2, 5)
     # text data (official multi-passkey recipe)
@@ -80,14 +92,34 @@ class TrainSettings:
             raise ValueError(f"--steps and --save-every must be >= 1, got {self.steps}, {self.save_every}")
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.sink < 0 or self.recent < 1:
-            raise ValueError(f"need --sink >= 0 and --recent >= 1, got {self.sink}, {self.recent}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(f"need --sink >= 0 and --recent >= 0, got {self.sink}, {self.recent}")
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"--loss-positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
+        if self.frame_size is None:
+            self.frame_size = default_frame_size(self.model)
         self.frames, self.frame_size, self.needles = tuple(self.frames), tuple(self.frame_size), tuple(self.needles)
 
     def to_json(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def default_frame_size(model: str) -> tuple[int, int]:
+    """(width, height) of synthetic training frames for `model` (VLM_FRAME_SIZE, SMALL_FRAME_SIZE)."""
+    from duokit.models.needlenet.gate_data import is_needlenet
+
+    return SMALL_FRAME_SIZE if model.startswith("tiny:") or is_needlenet(model) else VLM_FRAME_SIZE
+
+
+def check_sequence_length(tokens: int, sink: int, recent: int, what: str) -> None:
+    """Refuse a training sequence too short for the streaming window to hide anything (MIN_LENGTH_RATIO)."""
+    needed = MIN_LENGTH_RATIO * (sink + recent)
+    if tokens < needed:
+        raise ValueError(
+            f"{what} has {tokens} tokens, but gate training needs at least {MIN_LENGTH_RATIO} x (sink {sink} + "
+            f"recent {recent}) = {needed:.0f}: at or under sink + recent the streaming and full attention see the "
+            "same keys and the loss is 0. Use more --frames, a larger --frame-size / --max-pixels, longer texts "
+            "or a smaller --sink/--recent (docs/duo_training.md)")
 
 
 def official_lr_lambda(num_steps: int):
@@ -184,11 +216,12 @@ def pattern_config(settings: TrainSettings, step: int, num_layers: int, num_kv_h
             "dataset_name": data, "dataset_format": "multiple_passkey" if settings.text_file else "video_needles",
             "context_length_min": settings.context_min, "context_length_max": settings.context_max,
             "frames": list(settings.frames), "frame_size": list(settings.frame_size),
+            "max_pixels": settings.max_pixels, "min_pixels": settings.min_pixels,
             "streaming_attn_implementation": "sdpa", "variant": settings.variant,
             "num_layers": num_layers, "num_kv_heads": num_kv_heads, "method": "DuoAttention (trained gates)"}
 
 
-# Teacher + student in one batch (the official two-way forward, duoattention.md §2).
+# Teacher + student in one batch (the official two-way forward, mit-han-lab/duo-attention).
 TWO_WAY = 2
 # Text tokens of the chat turns, questions and teacher-forced answers around the video (5 needles).
 TEXT_TOKENS = 300
@@ -229,8 +262,13 @@ class TrainingMemoryPlan:
 
 
 def plan_training_memory(num_params: int, text_config: Any, tokens: int, dtype_bytes: int = 2,
-                         checkpointing: bool = True, available_bytes: int | None = None) -> TrainingMemoryPlan:
+                         checkpointing: bool = True, available_bytes: int | None = None,
+                         kernel: str = "math") -> TrainingMemoryPlan:
     """Weights + saved activations + one layer's activations + attention workspace + overhead.
+
+    `kernel` is the sdpa kernel of the masked (streaming) call: "efficient" (CUDA: the memory-efficient
+    kernel takes the bool mask as a bias and never materialises scores) or "math" (CPU, or a fallback:
+    fp32 scores + softmax of every query head).
 
     Per decoder layer and token of the doubled batch, autograd keeps about 6 hidden-size tensors
     (norms, residuals, o_proj input/output), 4 intermediate-size ones (gate, up, activation, product),
@@ -248,38 +286,77 @@ def plan_training_memory(num_params: int, text_config: Any, tokens: int, dtype_b
     return TrainingMemoryPlan(tokens=tokens, weights_bytes=num_params * dtype_bytes,
                               saved_bytes=text_config.num_hidden_layers * per_layer_saved,
                               layer_bytes=layer if checkpointing else 0,
-                              attention_bytes=tokens * tokens * (2 * heads * 4 + 1 + dtype_bytes),
+                              attention_bytes=tokens * tokens * (1 + dtype_bytes + (2 * heads * 4 if kernel == "math"
+                                                                                     else 0)),
                               available_bytes=available_bytes)
+
+
+def meta_adapter(name: str, max_pixels: int | None = None, min_pixels: int | None = None) -> Any:
+    """The adapter of model `name` over its weights' shapes on the meta device and its real processor."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from duokit.models import _model_config
+    from duokit.models.loading import explain_load_error
+
+    path, config, adapter_cls, loader = _model_config(name)
+    with torch.device("meta"):  # parameter shapes only, nothing allocated
+        model = loader.from_config(config)
+    try:
+        processor = (AutoProcessor if adapter_cls.is_multimodal else AutoTokenizer).from_pretrained(path)
+    except OSError as err:
+        raise explain_load_error(name, err) from err
+    adapter = adapter_cls(model, processor)
+    adapter.set_pixel_limits(max_pixels, min_pixels)
+    return adapter
+
+
+def video_prompt_tokens(adapter: Any, num_frames: int, frame_size: tuple[int, int]) -> tuple[int, int]:
+    """(video tokens, all tokens) of a one-question prompt with `num_frames` black frames of (width, height)."""
+    width, height = frame_size
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    inputs = adapter.processor(text=[adapter.render("?", with_video=True)], videos=[frames],
+                               videos_kwargs=adapter.video_kwargs(frames, 1.0), return_tensors="pt")
+    return int(adapter.video_mask(inputs["input_ids"]).sum()), int(inputs["input_ids"].shape[1])
+
+
+def check_settings_sequence_length(settings: TrainSettings) -> None:
+    """Refuse, before any weights load, settings whose shortest training sequence is too short
+    (check_sequence_length): the passkey texts' shortest context, or a prompt with the fewest frames
+    (a lower bound: the training examples add questions and answers). NeedleNet's own task and custom
+    data are checked example by example during training."""
+    from duokit.models.needlenet.gate_data import is_needlenet
+
+    if settings.text_file is not None:
+        check_sequence_length(settings.context_min, settings.sink, settings.recent, "--context-min")
+        return
+    if is_needlenet(settings.model):
+        return
+    adapter = meta_adapter(settings.model, settings.max_pixels, settings.min_pixels)
+    if not adapter.is_multimodal:
+        return  # make_data refuses a text LM without --text-file
+    frames = min(settings.frames)
+    video, total = video_prompt_tokens(adapter, frames, settings.frame_size)
+    width, height = settings.frame_size
+    check_sequence_length(total, settings.sink, settings.recent,
+                          f"a {frames}-frame {width}x{height} training video ({video} video tokens, "
+                          f"{video / frames:.1f} per frame, with the prompt)")
 
 
 def plan_for_model(name: str, num_frames: int, frame_size: tuple[int, int], dtype_bytes: int = 2,
                    checkpointing: bool = True, available_bytes: int | None = None,
-                   text_tokens: int = TEXT_TOKENS) -> TrainingMemoryPlan:
+                   text_tokens: int = TEXT_TOKENS, max_pixels: int | None = None,
+                   min_pixels: int | None = None, kernel: str = "math") -> TrainingMemoryPlan:
     """`plan_training_memory` for a model, reading only its config and processor (no weights).
 
     Tokens = `text_tokens` + the video tokens the processor makes of `num_frames` frames (VLMs)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    from duokit.models import adapter_for, resolve_model_path
-
-    path = resolve_model_path(name)
-    config = AutoConfig.from_pretrained(path)
-    adapter_cls = adapter_for(config.model_type)
-    loader = AutoModelForImageTextToText if adapter_cls.is_multimodal else AutoModelForCausalLM
-    with torch.device("meta"):  # parameter shapes only, nothing allocated
-        model = loader.from_config(config)
-    num_params = sum(p.numel() for p in model.parameters())
+    adapter = meta_adapter(name, max_pixels, min_pixels)
+    num_params = sum(p.numel() for p in adapter.model.parameters())
     tokens = text_tokens
-    if adapter_cls.is_multimodal:
-        adapter = adapter_cls(model, AutoProcessor.from_pretrained(path))
-        width, height = frame_size
-        frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
-        inputs = adapter.processor(text=[adapter.render("?", with_video=True)], videos=[frames],
-                                   videos_kwargs=adapter.video_kwargs(frames, 1.0), return_tensors="pt")
-        tokens += int(adapter.video_mask(inputs["input_ids"]).sum())
-    return plan_training_memory(num_params, config.get_text_config(), tokens, dtype_bytes, checkpointing,
-                                available_bytes)
+    if adapter.is_multimodal:
+        tokens += video_prompt_tokens(adapter, num_frames, frame_size)[0]
+    return plan_training_memory(num_params, adapter.text_config, tokens, dtype_bytes, checkpointing,
+                                available_bytes, kernel)
 
 
 def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
@@ -301,8 +378,11 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     from duokit.models import load_vlm
 
     run_dir = Path(run_dir)
+    if data_source is None:
+        check_settings_sequence_length(settings)
     check_run_dir(run_dir, settings)
-    model, _, adapter = load_vlm(settings.model, dtype=settings.dtype, device=settings.device)
+    model, _, adapter = load_vlm(settings.model, dtype=settings.dtype, device=settings.device,
+                                 max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
     model.requires_grad_(False)
     gates = DuoGates(adapter.num_layers, adapter.num_kv_heads).to(adapter.device)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -345,6 +425,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
         with enable_gate_training(model, gates, settings.sink, settings.recent, settings.variant):
             for step in range(start, settings.steps):
                 example = data.example(step)
+                check_sequence_length(example.num_tokens, settings.sink, settings.recent, f"training example {step}")
                 loss, parts = step_loss(adapter, gates, example, settings.reg_weight, settings.loss_positions)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

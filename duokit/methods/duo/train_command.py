@@ -43,7 +43,14 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     video = parser.add_argument_group("video data (synthesizer training variant; VLMs)")
     video.add_argument("--frames", type=int, nargs="+", default=[32, 64, 128], help="grid of frame counts")
-    video.add_argument("--frame-size", type=int, nargs=2, default=[64, 64], metavar=("W", "H"))
+    video.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                       help="synthetic frame size (default 448 252 for real VLMs: 72 tokens/frame on Qwen2.5-VL; "
+                            "64 64 for tiny models and NeedleNet)")
+    video.add_argument("--max-pixels", type=int, default=None,
+                       help="pixels per frame the processor resizes frames down to (Qwen-VL; default 448x448 or "
+                            "the model's own cap if lower; docs/video.md)")
+    video.add_argument("--min-pixels", type=int, default=None,
+                       help="pixels per frame small frames are resized up to (default: the model's own)")
     video.add_argument("--fps", type=float, default=2.0)
     video.add_argument("--needles", type=int, nargs=2, default=[2, 5], metavar=("MIN", "MAX"))
     text = parser.add_argument_group("text data (official multi-passkey recipe; text LMs)")
@@ -71,7 +78,8 @@ def settings_from_args(args: argparse.Namespace):
         model=args.model, steps=args.steps, save_every=args.save_every, lr=args.lr, reg_weight=args.reg,
         sink=args.sink, recent=args.recent, variant=args.variant, loss_positions=args.loss_positions,
         seed=args.seed, frames=tuple(args.frames),
-        frame_size=tuple(args.frame_size), fps=args.fps, needles=tuple(args.needles), text_file=args.text_file,
+        frame_size=None if args.frame_size is None else tuple(args.frame_size), max_pixels=args.max_pixels,
+        min_pixels=args.min_pixels, fps=args.fps, needles=tuple(args.needles), text_file=args.text_file,
         context_min=args.context_min, context_max=args.context_max,
         gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype, device=args.device,
         progress=not args.no_progress)
@@ -111,7 +119,8 @@ def memory_plan_line(settings) -> str:
     available = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     text_tokens = settings.context_max + PASSKEY_QA_TOKENS if settings.text_file else TEXT_TOKENS
     plan = plan_for_model(settings.model, max(settings.frames), settings.frame_size, dtype_bytes=2,
-                          checkpointing=checkpointing, available_bytes=available, text_tokens=text_tokens)
+                          checkpointing=checkpointing, available_bytes=available, text_tokens=text_tokens,
+                          max_pixels=settings.max_pixels, min_pixels=settings.min_pixels, kernel="efficient")
     state = "no GPU here" if available is None else ("fits" if plan.fits else
                                                      "does NOT fit: fewer --frames, a smaller --frame-size or "
                                                      "--gradient-checkpointing")
@@ -131,7 +140,8 @@ def run_profile(settings, out: Path, num_examples: int) -> int:
         raise ValueError(f"--profile needs at least 1 example, got {num_examples}")
     if (out / CHECKPOINT_FILE).exists():
         raise ValueError(f"{out} holds a gate-training run; write the profiling pattern to another --out folder")
-    _, _, adapter = load_vlm(settings.model, dtype=settings.dtype, device=settings.device)
+    _, _, adapter = load_vlm(settings.model, dtype=settings.dtype, device=settings.device,
+                             max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
     scores = profile_heads(adapter, make_data(settings, adapter), num_examples, settings.sink, settings.recent,
                            progress=settings.progress)
     save_pattern(out / "pattern", scores, settings.sink, settings.recent, method=METHOD_LABEL,

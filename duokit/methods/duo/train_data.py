@@ -2,9 +2,9 @@
 
 Two sources, both a pure function of (settings, index), so resuming at step k only needs k:
 - `VideoNeedleData` (VLMs): the synthesizer's training variant (duokit/data/synth/training.py; several
-  needles and questions per video, never VNBench — duoattention.md §13.4) as a multi-turn chat: the
+  needles and questions per video, never VNBench — the paper's synthetic training data, arXiv 2410.10819 §3) as a multi-turn chat: the
   video and the first question, then each answer teacher-forced, then the next question.
-- `PasskeyData` (text LMs): the official multi-passkey recipe (duoattention.md §4) on a local text
+- `PasskeyData` (text LMs): the official multi-passkey recipe (mit-han-lab/duo-attention) on a local text
   file the user passes (the BookSum link is dead): 10 passkeys of 32 NATO words at sorted depths from
   linspace(0.05, 0.95, 1000), context lengths from linspace(min, max, 50) visited in a shuffled order,
   the official needle/question wording (its "Remeber" typo included).
@@ -111,7 +111,7 @@ class VideoNeedleData(ChatExamples):
         return self.encode(sample.frames, sample.fps, sample.qa)
 
 
-# The official recipe's constants (duoattention.md §4, §5: scripts/train.sh).
+# The official recipe's constants (mit-han-lab/duo-attention: scripts/train.sh).
 NATO = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo",
         "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor",
         "whiskey", "xray", "yankee", "zulu")

@@ -100,7 +100,7 @@ def build_processor():
 def text_config(settings: TrainSettings) -> dict:
     """TEXT_CONFIG with the settings' heads and an M-RoPE split of their head_dim."""
     half = TEXT_CONFIG["hidden_size"] // settings.heads // 2
-    # The three M-RoPE sections (time, height, width) must add up to head_dim / 2 (transformers.md §6
+    # The three M-RoPE sections (time, height, width) must add up to head_dim / 2 (transformers' Qwen2.5-VL config
     # gotcha); Qwen2.5-VL splits its 64 as 16/24/24, i.e. 1/4, 3/8, 3/8 -- [4, 6, 6] at head_dim 32.
     sections = [half // 4, half * 3 // 8]
     sections.append(half - sum(sections))

@@ -2,7 +2,7 @@
 
 One example = one procedural haystack with its needles (duokit.data.synth, split "train", so no seed,
 haystack or needle instance is shared with an eval set), `frames` frames sampled by the official
-uniform rule (vnbench.md §6), the official prompt of one of its 4 tries, and the gt option's text as
+uniform rule (VNBench's official LLaVA example, github.com/joez17/VideoNIAH), the official prompt of one of its 4 tries, and the gt option's text as
 the target answer. Examples are a pure function of (seed, frames, index): training is resumable and
 reproducible without storing data.
 
@@ -22,7 +22,7 @@ import torch
 
 from duokit.data.synth.generate import GAP_SECONDS, SynthConfig, Synthesizer
 from duokit.data.synth.splits import split_seed
-from duokit.data.video import NEEDLE_SECONDS, uniform_indices
+from duokit.data.video import NEEDLE_SECONDS, sampled_fps, uniform_indices
 from duokit.data.vnbench import SUBTASKS, official_prompt
 from duokit.models.needlenet.config import FRAME_SIZE
 
@@ -30,7 +30,7 @@ FPS = 2.0  # haystack frame rate: a 1.5 s needle spans 3 frames
 NEEDLE_FRAMES = round(NEEDLE_SECONDS * FPS)
 GAP_FRAMES = max(1, round(GAP_SECONDS * FPS))  # the synthesizer's gap between two needles (generate.py)
 # Video frames between two uniformly sampled frames, (min, max): at most NEEDLE_FRAMES, so every needle
-# window holds a sampled frame; the official rule samples linspace(0, V - 1, N) (vnbench.md §6).
+# window holds a sampled frame; the official rule samples linspace(0, V - 1, N) (VNBench's official LLaVA example, github.com/joez17/VideoNIAH).
 STRIDE = (1.5, 3.0)
 RETRIEVAL = tuple(t for t in SUBTASKS if t.startswith("ret_"))
 FAMILIES = ("ret", "ord", "cnt")  # sub-task name prefixes (vnbench.SUBTASKS)
@@ -110,8 +110,6 @@ class Example:
 
 def sampled(frames: np.ndarray, fps: float, count: int) -> tuple[np.ndarray, float]:
     """`count` frames by the official uniform rule, and their fps as the engine computes it."""
-    from duokit.engine import sampled_fps
-
     indices = uniform_indices(len(frames), count)
     return frames[indices], sampled_fps(indices / fps, fps)
 
@@ -189,7 +187,7 @@ class BatchBuilder:
             "input_ids": input_ids,
             "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
             "labels": torch.tensor([row + [IGNORE] * (width - len(row)) for row in labels]),
-            "mm_token_type_ids": (input_ids == self.video_token_id).long() * 2,  # 2 = video (transformers.md §7)
+            "mm_token_type_ids": (input_ids == self.video_token_id).long() * 2,  # 2 = video (transformers' Qwen-VL `mm_token_type_ids`)
             "pixel_values_videos": pixel_values,
             "video_grid_thw": torch.tensor([grid] * len(examples)),
             "second_per_grid_ts": torch.tensor(

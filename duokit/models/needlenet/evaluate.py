@@ -21,20 +21,22 @@ def heldout_scores(model: Any, adapter: Any, parser: str, frames: int, per_task:
 
     from duokit.data.scoring import prediction_record, score_predictions
     from duokit.data.synth.generate import Synthesizer
-    from duokit.data.vnbench import parse_record
-    from duokit.engine import answer_tries
+    from duokit.data.vnbench import parse_record, question_part
+    from duokit.engine import LM, SampleInput, Try, answer_tries
     from duokit.methods import get_method
     from duokit.models.needlenet.data import eval_synth_config, sampled
 
     synthesizer = Synthesizer(eval_synth_config(frames, per_task, seed, tuple(tasks)))
     method = method or get_method("baseline")
     predictions = []
+    lm = LM(model, adapter)
     with method.apply(model, adapter):
         for sample in tqdm(synthesizer, total=len(synthesizer), desc=f"held-out {method.name}", disable=not progress):
             raws = sample.records(f"./videos/{sample.sample_id}.mp4")
             records = [parse_record(raw, index, "synthetic held-out set") for index, raw in enumerate(raws)]
             video, fps = sampled(sample.frames, sample.fps, frames)
-            result = answer_tries(model, adapter, method, video, fps, [record.prompt for record in records])
+            tries = [Try(record.prompt, question_part(record.question)) for record in records]
+            result = answer_tries(lm, method, SampleInput(video, fps), tries)
             predictions += [prediction_record(record, answer.text, parser)
                             for record, answer in zip(records, result.answers)]
     return score_predictions(predictions)

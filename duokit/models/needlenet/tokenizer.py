@@ -5,7 +5,7 @@ QUESTIONS, the option lines "A. x", ANSWER_INSTRUCTION) is split on spaces with 
 token; the vocabulary is every piece that occurs, so no prompt word maps to `<unk>`. Answer items keep
 their trailing comma as one token ("Sam," "Grace," "Paul," "Bob") and multi-word items ("dining
 table", "Eiffel Tower") are single added tokens, so every answer fits in 4 tokens + `<|im_end|>`
-within the engine's official `max_new_tokens=5` (vnbench.md §6). A `tokenizers.WordLevel` model in a
+within the engine's official `max_new_tokens=5` (VNBench's official LLaVA example, github.com/joez17/VideoNIAH). A `tokenizers.WordLevel` model in a
 `PreTrainedTokenizerFast`, as measured in needlenet-probe.md ("Tokenizer").
 """
 
