@@ -147,4 +147,12 @@ def load_vlm(name_or_path: str, dtype: Any = "auto", device: Any = "auto", max_p
     adapter.set_pixel_limits(max_pixels, min_pixels)
     if text_after_video is not None:
         adapter.text_after_video = text_after_video
+    # The frame size the model was trained on, every video resized to it (NeedleNet, docs/needlenet.md).
+    frame_fit = duokit_metadata(path).get("frame_fit")
+    if frame_fit is not None:
+        if not (isinstance(frame_fit, list) and len(frame_fit) == 2 and all(isinstance(v, int) and v > 0
+                                                                            for v in frame_fit)):
+            raise ValueError(f"{Path(path) / 'duokit.json'}: frame_fit must be [width, height] in pixels, "
+                             f"got {frame_fit!r}")
+        adapter.frame_fit = tuple(frame_fit)
     return model, processor, adapter

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from duokit.data.resize import resize_frames
+
 # One video's token grid after the spatial merge: (temporal groups, rows, columns).
 Grid = tuple[int, int, int]
 
@@ -167,6 +169,10 @@ class Adapter:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()  # `config.model_type` values this adapter handles
     is_multimodal: ClassVar[bool] = True
+    # (width, height) every video frame is resized to before the processor, aspect not kept
+    # (duokit/data/resize.py); set by load_vlm from duokit.json "frame_fit" (NeedleNet: the 56x56 it was
+    # trained on, docs/needlenet.md). None: frames go to the processor as they are.
+    frame_fit: tuple[int, int] | None = None
 
     def __init__(self, model: Any, processor: Any):
         self.model = model
@@ -299,6 +305,8 @@ class Adapter:
         if frames is not None:
             if fps is None or fps <= 0:
                 raise ValueError(f"frames need a positive fps (frames per video second), got {fps}")
+            if self.frame_fit is not None:
+                frames = resize_frames(frames, *self.frame_fit)
             kwargs["videos"] = [frames]
             kwargs["videos_kwargs"] = self.video_kwargs(frames, fps)
         inputs = self.processor(text=[text], **kwargs)
