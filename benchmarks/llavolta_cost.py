@@ -43,8 +43,10 @@ def video_prefix(model, adapter, length: int):
     ids = bench.token_ids(length, model.config.vocab_size, str(model.device))
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
+    side = int(GROUP_TOKENS ** 0.5)  # a group is a 16x16 merged grid, raster order
     return Prefix(input_ids=ids, inputs_embeds=embeds, position_ids=adapter.positions(0, length),
-                  video_mask=frame_of >= 0, next_position=length, frame_of=frame_of)
+                  video_mask=frame_of >= 0, next_position=length, frame_of=frame_of,
+                  video_grids=((groups, side, side),))
 
 
 def prefill_flops(config, token_counts: list[int]) -> float:
@@ -56,12 +58,11 @@ def prefill_flops(config, token_counts: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import DynamicCache
-
+    from duokit.engine import LM, SampleInput
     from duokit.io import atomic_write_json
     from duokit.methods import get_method
     from duokit.methods.llavolta.pooling import pooled_length
-    from duokit.metrics import Stopwatch, kv_cache_bytes, video_group_sizes
+    from duokit.metrics import Stopwatch, kv_cache_bytes
     from duokit.models.text import TextAdapter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = bench.build_model(args)
     adapter = TextAdapter(model, None)
+    lm, sample = LM(model, adapter), SampleInput(None, None)  # the prefix is built here, not from a sample
     config = adapter.text_config
     methods = {"baseline": get_method("baseline"), "llavolta": get_method("llavolta", layer=args.layer,
                                                                           stride=args.stride)}
@@ -91,19 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, method in methods.items():
                 with method.apply(model, adapter):
-                    prepared = method.prepare_prefix(prefix, model, adapter)
-                    cache = DynamicCache(config=config)
+                    prepared = method.prepare_prefix(prefix, sample, lm)
+                    cache = method.new_cache(lm, prepared)
                     with Stopwatch(args.device) as watch:
-                        method.prefill(adapter, prepared, cache, args.chunk)
+                        method.prefill(lm, prepared, cache, args.chunk)
                 seconds[name].append(watch.seconds)
                 kv[name] = kv_cache_bytes(cache)
                 del cache
-        groups = video_group_sizes(prefix.frame_of)
+        groups = [h * w for t, h, w in prefix.video_grids for _ in range(t)]
         pooled = pooled_length(length, groups, args.stride)
         counts = [length] * args.layer + [pooled] * (args.layers - args.layer)
         flop_ratio = prefill_flops(config, counts) / prefill_flops(config, [length] * args.layers)
-        planned = methods["llavolta"].estimate_kv_bytes(adapter.num_layers, adapter.num_kv_heads, adapter.head_dim,
-                                                        length, torch.finfo(model.dtype).bits // 8, groups)
+        planned = methods["llavolta"].estimate_kv_bytes(lm.geometry, prefix.token_counts)
         base, ours = seconds["baseline"], seconds["llavolta"]
         row = {"tokens": length, "video_tokens": sum(groups), "pooled_tokens": pooled,
                "baseline_prefill_s": {"min": min(base), "median": statistics.median(base), "runs": base},
