@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx2
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -216,7 +217,9 @@ def test_gated_and_unknown_repositories_name_the_fix(monkeypatch):
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
-    response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/x"))
+    # huggingface_hub's errors wrap a response of the HTTP client it uses (httpx in 1.x, httpx2 in 2.x).
+    http = importlib.import_module("httpx2" if huggingface_hub.__version__.startswith("2.") else "httpx")
+    response = http.Response(401, request=http.Request("GET", "https://huggingface.co/x"))
     for cause, words in ((GatedRepoError("gated", response=response), "gated repository"),
                          (RepositoryNotFoundError("missing", response=response), "no such local folder")):
         err = OSError("transformers' wrapper")
