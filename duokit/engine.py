@@ -268,13 +268,14 @@ def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], ch
         "prefix_tokens": prefix.num_tokens,
         "kv_bytes": kv_bytes,
         "kv_bytes_peak": lm.kv_bytes_peak,
-        "kv_bytes_planned": method.estimate_kv_bytes(geometry, at_peak),
+        "kv_bytes_planned": method.estimate_sample_kv_bytes(geometry, at_peak, prefix),
         "tokens_per_layer": tokens_per_layer,
         "tokens_per_layer_total": sum(tokens_per_layer),
         # Methods act on video tokens: what a layer ran on beyond the prefix's text tokens is video.
         "visual_token_layers": sum(max(0, n - text_tokens) for n in tokens_per_layer),
-        **method.estimate_prefill_flops(geometry, tokens_per_layer),
+        **method.estimate_prefill_flops(geometry, tokens_per_layer, prefix.token_counts),
         "vision_s": vision.seconds,
         "prefill_s": prefill_watch.seconds,
+        **prefix.costs,
     }
     return answers, cost

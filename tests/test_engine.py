@@ -18,7 +18,7 @@ from duokit.engine import LM, SampleInput, Try, answer_tries
 from duokit.eval_command import run_eval
 from duokit.io import iter_jsonl
 from duokit.methods import get_method
-from duokit.methods.base import Method
+from duokit.methods.base import Method, method_class
 from duokit.methods.duo.pattern import save_pattern
 from duokit.models import TINY_FAMILIES
 
@@ -143,6 +143,36 @@ def test_engine_reports_costs():
     assert cost["mlp_flops"] == 2 * 6 * n * hidden * geometry.intermediate_size
     assert cost["prefill_s"] > 0 and cost["decode_s_per_token"] > 0
     assert cost["peak_memory_bytes"] > 0
+
+
+@dataclass
+class RecordsItsOwnCosts(Method):
+    """Records a prefix cost and plans from the prepared prefix, as a selection method would."""
+
+    name = "records_its_own_costs"
+
+    def prepare_prefix(self, prefix, sample, lm):
+        return replace(prefix, costs={"selected_tokens": 7})
+
+    def estimate_sample_kv_bytes(self, geometry, tokens, prefix):
+        return 1000 + prefix.num_tokens
+
+
+def test_prefix_costs_and_the_sample_kv_estimate_reach_the_recorded_costs():
+    model, _, adapter = tiny("qwen2_5_vl")
+    result = run_engine(model, adapter, RecordsItsOwnCosts(), frames(), PROMPTS[:1])
+    assert result.cost["selected_tokens"] == 7
+    assert result.cost["kv_bytes_planned"] == 1000 + result.cost["prefix_tokens"]
+
+
+def test_budget_settings_map_a_budget_to_each_methods_knob():
+    geometry = tiny("qwen2_5_vl")[2].geometry
+    with pytest.raises(NotImplementedError, match="has no budget knob"):
+        Method.budget_settings(0.5, geometry, None)
+    assert method_class("duo").budget_settings(0.25, geometry, None) == {"sparsity": 0.75}
+    assert method_class("llavolta").budget_settings(0.25, geometry, None) == {"stride": 4}
+    with pytest.raises(ValueError, match="budget must be in"):
+        method_class("llavolta").budget_settings(0.0, geometry, None)
 
 
 def test_chunk_size_must_be_positive():

@@ -205,19 +205,46 @@ class Method:
         """KV bytes this method's cache holds at its peak over prefilling (and decoding) `tokens`
         (`duokit.models.TokenCounts`: text and video tokens as the adapter built them, the video grids)
         on a model of `geometry`. The planner uses it before a run; the engine records it next to the
-        measured peak, and the conformance suite requires the two to be equal."""
-        return 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * tokens.total * geometry.dtype_bytes
+        measured peak, and the conformance suite requires the two to be equal.
 
-    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int]) -> dict[str, int]:
+        Two halves, so that methods acting at different places compose (`compose`): which tokens each
+        layer keeps (`layer_tokens`), and what a layer holding that many tokens costs (`kv_bytes_of_layers`)."""
+        return self.kv_bytes_of_layers(geometry, self.layer_tokens(geometry, tokens))
+
+    def layer_tokens(self, geometry: Any, tokens: Any) -> list[int]:
+        """Tokens layer l's cache holds at the peak (for every KV head). The baseline: all of them, everywhere."""
+        return [tokens.total] * geometry.num_layers
+
+    def kv_bytes_of_layers(self, geometry: Any, per_layer: Sequence[int]) -> int:
+        """Bytes of K and V when layer l holds `per_layer[l]` tokens in each of its KV heads."""
+        return 2 * geometry.num_kv_heads * geometry.head_dim * geometry.dtype_bytes * sum(per_layer)
+
+    def estimate_sample_kv_bytes(self, geometry: Any, tokens: Any, prefix: Any) -> int:
+        """The peak KV bytes of one sample whose prepared prefix is `prefix` (what the engine records as
+        planned). Default: `estimate_kv_bytes`; a method whose peak depends on the content of the prefix
+        (where a segmentation put its boundaries, how many tokens a selection re-injected) overrides it."""
+        return self.estimate_kv_bytes(geometry, tokens)
+
+    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int],
+                               tokens: Any = None) -> dict[str, int]:
         """Analytic FLOPs of the prefill, given how many tokens each layer ran on (measured by the
-        engine): `attention_flops` (q/k/v/o projections + causal scores and weighted values) and
-        `mlp_flops` (gated MLP: 3 matrices). A multiply-add counts 2."""
+        engine) and the prefill's `TokenCounts` (`tokens`, for methods whose attention pattern depends
+        on the video layout): `attention_flops` (q/k/v/o projections + causal scores and weighted
+        values) and `mlp_flops` (gated MLP: 3 matrices). A multiply-add counts 2."""
         attention = mlp = 0
-        for tokens in tokens_per_layer:
-            attention += projection_flops(geometry, tokens) + score_flops(geometry.num_heads, geometry.head_dim,
-                                                                          causal_pairs(tokens))
-            mlp += 2 * 3 * tokens * geometry.hidden_size * geometry.intermediate_size
+        for count in tokens_per_layer:
+            attention += projection_flops(geometry, count) + score_flops(geometry.num_heads, geometry.head_dim,
+                                                                         causal_pairs(count))
+            mlp += 2 * 3 * count * geometry.hidden_size * geometry.intermediate_size
         return {"attention_flops": attention, "mlp_flops": mlp}
+
+    # --- budgets -----------------------------------------------------------------------------------
+    @classmethod
+    def budget_settings(cls, budget: float, geometry: Any, tokens: Any) -> dict[str, Any]:
+        """Settings (merged over a row's own) at which this method keeps about `budget` (0 < ρ <= 1) of
+        the visual KV of a sample of `tokens` on a model of `geometry` — the ablation's budget matching
+        (docs/ablate.md). The achieved budget is measured, not taken from here."""
+        raise NotImplementedError(f"method {cls.name!r} has no budget knob; give its settings explicitly")
 
     # --- settings ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:

@@ -99,7 +99,8 @@ class Prefix:
     (L, 2) its (row, column) in its group's merged grid (-1 outside), with `video_grids` the (t, h, w)
     grid of each video after the merge. `layer_inputs` holds per-layer inputs of the language model with
     one row per video token, in order (Qwen3-VL's deepstack features: a list of (V, hidden) tensors);
-    `Adapter.chunk_inputs` slices them per chunk.
+    `Adapter.chunk_inputs` slices them per chunk. `costs` holds what a method measured while preparing
+    the prefix (e.g. a selection pass's time, tokens it re-injected); the engine records them per sample.
 
     Text appended to the prefix (a try's suffix, then the generated tokens) continues at
     `next_position`, one position per token, as `generate` continues its position ids. With 1-D
@@ -117,6 +118,7 @@ class Prefix:
     cell_of: torch.Tensor | None = None
     video_grids: tuple[Grid, ...] = ()
     layer_inputs: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         length = self.input_ids.shape[1]

@@ -78,21 +78,30 @@ class Duo(Method):
     def new_cache(self, lm: Any, prefix: Any) -> DuoCache:
         return DuoCache(self.head_plans(lm.adapter.num_layers, lm.adapter.num_kv_heads))
 
-    def estimate_kv_bytes(self, geometry: Any, tokens: Any) -> int:
+    def kv_bytes_of_layers(self, geometry: Any, per_layer: Sequence[int]) -> int:
         # Retrieval heads grow with every token; streaming heads stop at sink + recent. The peak is at the end.
         plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
-        return duo_kv_bytes(plans, geometry.head_dim, tokens.total, geometry.dtype_bytes)
+        return sum(duo_kv_bytes([plan], geometry.head_dim, count, geometry.dtype_bytes)
+                   for plan, count in zip(plans, per_layer))
 
-    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int]) -> dict[str, int]:
+    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int],
+                               tokens: Any = None) -> dict[str, int]:
         # Streaming heads score each query against the sink and its window only (the query included).
-        costs = super().estimate_prefill_flops(geometry, tokens_per_layer)
+        costs = super().estimate_prefill_flops(geometry, tokens_per_layer, tokens)
         groups = geometry.num_heads // geometry.num_kv_heads
         plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
-        for plan, tokens in zip(plans, tokens_per_layer):
-            window = tokens if plan.full_first_chunk else plan.sink + plan.recent + 1
-            saved = causal_pairs(tokens) - window_pairs(tokens, window)
+        for plan, count in zip(plans, tokens_per_layer):
+            window = count if plan.full_first_chunk else plan.sink + plan.recent + 1
+            saved = causal_pairs(count) - window_pairs(count, window)
             costs["attention_flops"] -= score_flops(len(plan.streaming_heads) * groups, geometry.head_dim, saved)
         return costs
+
+    @classmethod
+    def budget_settings(cls, budget: float, geometry: Any, tokens: Any) -> dict[str, Any]:
+        # A fraction ρ of retrieval heads keeps ρ of the visual KV, up to the streaming heads' sink + recent.
+        if not 0 < budget <= 1:
+            raise ValueError(f"duo: budget must be in (0, 1], got {budget}")
+        return {"sparsity": round(1.0 - budget, 6)}
 
     @classmethod
     def conformance_settings(cls, tmp_path: Path, geometry: Any) -> dict[str, Any]:

@@ -37,10 +37,10 @@ from duokit.methods.base import Method, register_method
 from duokit.methods.llavolta.pooling import (
     POSITION_MODES,
     aligned_bounds,
-    kv_bytes,
     pool_assignment,
     pool_positions,
     pool_rows,
+    pooled_length,
 )
 
 # The language-model keyword carrying one prefill chunk's pooling plan to the decoder-layer hooks.
@@ -136,11 +136,20 @@ class LLaVolta(Method):
     def _assignment(self, prefix: Any) -> torch.Tensor:
         return pool_assignment(prefix.frame_of, self.pool_stride)
 
-    def estimate_kv_bytes(self, geometry: Any, tokens: Any) -> int:
-        # A video grid (t, h, w) is t temporal groups of h*w tokens, the groups `frame_of` numbers.
+    def layer_tokens(self, geometry: Any, tokens: Any) -> list[int]:
+        # Layers < K hold every token, layers >= K only the pooled ones. A video grid (t, h, w) is t
+        # temporal groups of h*w tokens, the groups `frame_of` numbers.
         video_groups = [h * w for t, h, w in tokens.video_grids for _ in range(t)]
-        return kv_bytes(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, tokens.total,
-                        geometry.dtype_bytes, video_groups, self.pool_layer(geometry.num_layers), self.pool_stride)
+        layer = self.pool_layer(geometry.num_layers)
+        pooled = pooled_length(tokens.total, video_groups, self.pool_stride)
+        return [tokens.total] * layer + [pooled] * (geometry.num_layers - layer)
+
+    @classmethod
+    def budget_settings(cls, budget: float, geometry: Any, tokens: Any) -> dict[str, Any]:
+        # Layers >= K keep 1/s of the video tokens; the layers before K keep them all (achieved budget measured).
+        if not 0 < budget <= 1:
+            raise ValueError(f"llavolta: budget must be in (0, 1], got {budget}")
+        return {"stride": max(1, round(1 / budget))}
 
     @classmethod
     def conformance_settings(cls, tmp_path: Path, geometry: Any) -> dict[str, Any]:

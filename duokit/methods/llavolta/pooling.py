@@ -78,10 +78,3 @@ def pooled_length(num_tokens: int, video_groups: Sequence[int], stride: int) -> 
     """Tokens left after pooling `num_tokens` tokens of which `video_groups` (token counts per temporal
     group) are pooled: each group of n becomes ceil(n / s)."""
     return num_tokens - sum(video_groups) + sum(-(-n // stride) for n in video_groups)
-
-
-def kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int, dtype_bytes: int,
-             video_groups: Sequence[int], layer: int, stride: int) -> int:
-    """KV-cache bytes: layers < K hold every token, layers >= K only the pooled ones."""
-    pooled = pooled_length(num_tokens, video_groups, stride)
-    return 2 * num_kv_heads * head_dim * dtype_bytes * (layer * num_tokens + (num_layers - layer) * pooled)
