@@ -290,9 +290,10 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
         example = data.example(index)
         decoded = adapter.tokenizer.decode(example.input_ids[0])  # byte-level: one token per byte
         answers = re.findall(r"Passkey: ([a-z ]+)\n\n", decoded)
-        hidden = re.findall(r"it's the (\d+\w\w) passkey to the vault: ([a-z ]+)\n\n", decoded)
+        hidden = re.findall(r"it's the (\w+) passkey to the vault: ([a-z ]+)\n\n", decoded)
         assert [words for _, words in hidden] == answers and len(answers) == 3
-        assert [ordinal for ordinal, _ in hidden] == ["1st", "2nd", "3rd"]
+        assert [ordinal for ordinal, _ in hidden] == ["first", "second", "third"]  # the official words
+        assert re.findall(r"what is the (\w+) passkey", decoded) == ["first", "second", "third"]
         assert all(len(a.split()) == 4 and set(a.split()) <= set(NATO) for a in answers)
         assert adapter.tokenizer.decode(example.input_ids[0][example.answer_mask]) == "".join(answers)
         assert decoded.startswith("<|im_start|> This is a very long story book: <book> ")  # no BOS: none exists
@@ -303,6 +304,8 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
     assert max(data.example(i).num_tokens for i in range(50)) <= 2000 - BUFFER_TOKENS
     with pytest.raises(ValueError, match="leaves .* haystack tokens.*raise --context-max"):
         PasskeyData(adapter, text, context_min=300, context_max=1000, num_passkeys=3, passkey_words=4)
+    with pytest.raises(ValueError, match="1 to 20 passkeys"):
+        PasskeyData(adapter, text, context_min=300, context_max=8000, num_passkeys=21, passkey_words=4)
     # ... and the opening text is encoded with the tokenizer's special tokens, as the official loader does:
     # a tokenizer that adds a BOS puts it first, once.
     from tokenizers.processors import TemplateProcessing

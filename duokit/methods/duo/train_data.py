@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from duokit.data.synth.training import QA, TrainingConfig, TrainingGenerator, ordinal
+from duokit.data.synth.training import QA, TrainingConfig, TrainingGenerator
 
 
 @dataclass
@@ -124,6 +124,10 @@ CONTEXT_OPEN = "<|im_start|> This is a very long story book: <book> "
 CONTEXT_CLOSE = " </book>.\n\n"
 NEEDLE = "\n\nRemeber this sequence of words, it's the {} passkey to the vault: {}\n\n"
 QUESTION = "Based on the content of the book, what is the {} passkey to the vault?\nPasskey: "
+# The official ORDINAL_NUMBERS: words, so at most 20 passkeys.
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+            "eighteenth", "nineteenth", "twentieth")
 # Tokens kept free below --context-max: the official loader trims the haystack to context_max - 300 - the
 # prompt, needles and questions (duo_attn/data.py, `buffer_size`), so no sequence exceeds context_max.
 BUFFER_TOKENS = 300
@@ -144,6 +148,8 @@ class PasskeyData:
             raise FileNotFoundError(f"{path}: haystack text file not found; pass any long plain-text file")
         if not 0 < context_min <= context_max:
             raise ValueError(f"need 0 < context_min <= context_max, got {context_min}, {context_max}")
+        if not 0 < num_passkeys <= len(ORDINALS):
+            raise ValueError(f"need 1 to {len(ORDINALS)} passkeys (the official ordinal words), got {num_passkeys}")
         self.adapter, self.seed = adapter, seed
         self.num_passkeys, self.passkey_words = num_passkeys, passkey_words
         tokenizer = adapter.tokenizer
@@ -159,7 +165,7 @@ class PasskeyData:
         word = max(len(self._tokens(" " + word)) for word in NATO)
         passkey = " ".join([max(NATO, key=lambda w: len(self._tokens(" " + w)))] * passkey_words)
         rest = len(self.open_tokens) + len(self._tokens(CONTEXT_CLOSE)) + sum(
-            len(self._tokens(NEEDLE.format(ordinal(k + 1), passkey))) + len(self._tokens(QUESTION.format(ordinal(k + 1))))
+            len(self._tokens(NEEDLE.format(ORDINALS[k], passkey))) + len(self._tokens(QUESTION.format(ORDINALS[k])))
             + word * passkey_words + len(self._tokens("\n\n")) for k in range(num_passkeys))
         if context_max - BUFFER_TOKENS - rest < context_min:
             raise ValueError(f"--context-max {context_max} leaves {context_max - BUFFER_TOKENS - rest} haystack tokens "
@@ -181,12 +187,12 @@ class PasskeyData:
         context, start = [], 0
         for k, (depth, passkey) in enumerate(zip(depths, passkeys)):
             cut = int(depth * len(haystack))
-            context += haystack[start:cut] + self._tokens(NEEDLE.format(ordinal(k + 1), passkey))
+            context += haystack[start:cut] + self._tokens(NEEDLE.format(ORDINALS[k], passkey))
             start = cut
         context += haystack[start:]
         pieces = [(self.open_tokens + context + self._tokens(CONTEXT_CLOSE), False)]
         for k, passkey in enumerate(passkeys):
-            pieces += [(self._tokens(QUESTION.format(ordinal(k + 1))), False), (self._tokens(passkey), True),
+            pieces += [(self._tokens(QUESTION.format(ORDINALS[k])), False), (self._tokens(passkey), True),
                        (self._tokens("\n\n"), False)]
         ids = torch.tensor([[t for tokens, _ in pieces for t in tokens]], device=self.adapter.device)
         answer = torch.tensor([is_answer for tokens, is_answer in pieces for _ in tokens], dtype=torch.bool)
