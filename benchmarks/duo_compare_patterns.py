@@ -8,6 +8,7 @@ For each pattern (a `train-duo` RUN/pattern folder): its gates, the gate ranking
 .binarize) and which of them differ from the first pattern's. Then the 4-try (and 1-try) accuracy of the dense
 baseline and of every pattern at every sparsity on ONE fresh held-out set of the synthesizer's eval split
 (NeedleNet's sub-tasks, never VNBench), deployed with each pattern's own sink/recent (or --sink/--recent).
+Patterns that pick the same heads with the same window are scored once (the evaluation is deterministic).
 A sample is 100 / (9 x --per-task) points: small sets separate only large differences.
 """
 
@@ -93,14 +94,18 @@ def main() -> None:
         samples = 9 * args.per_task
         print(f"held-out: {samples} samples (eval split, seed {args.heldout_seed}, {args.frames} frames); "
               f"4-try (1-try); baseline {base['overall']:.3f} ({base['overall_1try']:.3f})")
+        scored = {}
         for sparsity in args.sparsity:
             row = []
             for name, (_, path) in zip(patterns, args.pattern):
                 pattern = patterns[name]
-                method = get_method("duo", pattern=str(path), sparsity=sparsity,
-                                    sink=pattern.sink_size if args.sink is None else args.sink,
-                                    recent=pattern.recent_size if args.recent is None else args.recent)
-                result = report["accuracy"].setdefault(name, {})[sparsity] = score(method)
+                window = (pattern.sink_size if args.sink is None else args.sink,
+                          pattern.recent_size if args.recent is None else args.recent)
+                key = (binarize(pattern.gates, sparsity)[0].tobytes(), window)
+                if key not in scored:
+                    scored[key] = score(get_method("duo", pattern=str(path), sparsity=sparsity, sink=window[0],
+                                                   recent=window[1]))
+                result = report["accuracy"].setdefault(name, {})[sparsity] = scored[key]
                 row.append(f"{name} {result['overall']:.3f} ({result['overall_1try']:.3f})")
             print(f"sparsity {sparsity:.2f}: " + "  ".join(row))
     if args.json:
