@@ -463,6 +463,51 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
     assert history[0]["distill_loss"] == 0.0 and history[1]["distill_loss"] > 0
 
 
+def merging_tokenizer(text, add_special_tokens=False, **_):
+    """A BPE-like toy: one token per character, but a space + lowercase letter is ONE token (like "Ġa"),
+    so "vault: alpha" is not tokens("vault: ") + tokens("alpha"). Special-token mode adds a BOS (257)."""
+    ids, i = [257] if add_special_tokens else [], 0
+    while i < len(text):
+        if text[i] == " " and text[i + 1:i + 2].islower():
+            ids.append(230 + ord(text[i + 1]) - ord("a"))
+            i += 2
+        else:
+            ids.append(ord(text[i]) % 128)
+            i += 1
+    return {"input_ids": ids}
+
+
+def test_passkey_is_the_same_tokens_in_needle_and_answer(tmp_path):
+    """The official loader encodes needle text and passkey separately, then concatenates: the model must
+    copy exactly the tokens it read. Encoding "…vault: alpha …" in one piece would merge across the seam."""
+    _, _, real = load_vlm("tiny:llama", dtype=torch.float32, device="cpu")
+    adapter = SimpleNamespace(tokenizer=merging_tokenizer, model=real.model, device=real.device,
+                              positions=real.positions)
+    text = tmp_path / "book.txt"
+    text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 160)
+    data = PasskeyData(adapter, text, context_min=300, context_max=3000, num_passkeys=3, passkey_words=4)
+    for index in range(4):
+        example = data.example(index)
+        ids, mask = example.input_ids[0].tolist(), example.answer_mask.tolist()
+        assert ids[0] == 257 and ids.count(257) == 1  # BOS once, first
+        answers, current = [], []
+        for token, is_answer in zip(ids + [None], mask + [False]):
+            if is_answer:
+                current.append(token)
+            elif current:
+                answers.append(current)
+                current = []
+        assert len(answers) == 3
+        first_answer = mask.index(True)
+        for k, answer in enumerate(answers):
+            needle = (merging_tokenizer("\n\n")["input_ids"] + merging_tokenizer(
+                f"Remeber this sequence of words, it's the {['first', 'second', 'third'][k]} passkey to the vault: "
+            )["input_ids"] + answer + merging_tokenizer("\n\n")["input_ids"])
+            context = ids[:first_answer]
+            assert any(context[i:i + len(needle)] == needle for i in range(len(context))), f"needle {k} of {index}"
+        assert len(ids) <= 3000 - BUFFER_TOKENS
+
+
 # --- memory plan ---------------------------------------------------------------------------------------
 
 def test_memory_plan_formula_and_token_count(qwen):
