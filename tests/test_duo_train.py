@@ -26,6 +26,7 @@ from duokit.methods.duo.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_
 from duokit.methods.duo.gates import (
     DuoGates,
     MixedAttentionPlan,
+    blocksparse_mask,
     enable_gate_training,
     mixed_attention,
     streaming_mask,
@@ -35,6 +36,7 @@ from duokit.methods.duo.profile import far_attention_mass
 from duokit.methods.duo.train import (
     TEXT_TOKENS,
     TrainSettings,
+    check_sequence_length,
     distillation_loss,
     loss_mask,
     official_lr_lambda,
@@ -80,27 +82,78 @@ def test_streaming_mask_is_the_official_one_with_the_inference_meaning_of_recent
                        official_streaming_mask(length, sink, recent + 1))
 
 
+def official_block_streaming_mask(length, sink_blocks, local_blocks, block):
+    """Block-Sparse-Attention's test reference (`generate_streaming_mask` in block_sparse_tests/.../utils.py,
+    causal, equal query and key lengths): a [rows, cols] block mask, row i = the first `sink_blocks` columns
+    and columns i − local_blocks + 1 … i, expanded to tokens, cut to `length`, and causal inside."""
+    blocks = -(-length // block)
+    base = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for row in range(blocks):
+        base[row, max(row + 1 - local_blocks, 0):row + 1] = True
+        base[row, :sink_blocks] = True
+    tokens = base.repeat_interleave(block, 0).repeat_interleave(block, 1)[:length, :length]
+    return tokens & official_streaming_mask(length, 0, length)
+
+
+@pytest.mark.parametrize("length,sink,recent,block", [(600, 128, 256, 128), (37, 4, 8, 4), (50, 5, 7, 4),
+                                                      (20, 0, 3, 2), (9, 4, 64, 16)])
+def test_blocksparse_mask_is_the_official_block_pattern(length, sink, recent, block):
+    """ceil(sink / block) sink blocks and ceil(recent / block) local blocks (official llama.py)."""
+    assert torch.equal(blocksparse_mask(length, sink, recent, block, torch.device("cpu")),
+                       official_block_streaming_mask(length, -(-sink // block), -(-recent // block), block))
+
+
+def test_blocksparse_mask_by_hand():
+    mask = blocksparse_mask(10, 2, 4, 2, torch.device("cpu"))  # blocks of 2: 1 sink block, 2 local blocks
+    seen = {query: set(torch.nonzero(mask[query]).flatten().tolist()) for query in (3, 5, 8, 9)}
+    assert seen == {3: {0, 1, 2, 3}, 5: {0, 1, 2, 3, 4, 5}, 8: {0, 1, 6, 7, 8}, 9: {0, 1, 6, 7, 8, 9}}
+    # the official 128/256 at block 128: the first 128 tokens + 129 (first query of a block) to 256 (last)
+    # recent tokens, the query included; the token mask keeps exactly 256 + the query
+    mask = blocksparse_mask(1024, 128, 256, 128, torch.device("cpu"))
+    assert [int(mask[q].sum()) for q in (512, 575, 639)] == [128 + 129, 128 + 192, 128 + 256]
+    assert mask[512, :128].all() and mask[512, 384:513].all() and not mask[512, 128:384].any()
+    assert int(streaming_mask(1024, 128, 256, torch.device("cpu"))[639].sum()) == 128 + 257
+
+
+def test_bad_streaming_windows_are_refused():
+    with pytest.raises(ValueError, match="streaming mask must be one of"):
+        TrainSettings(model="tiny:qwen2_5_vl", streaming_mask="flex")
+    with pytest.raises(ValueError, match="blocksparse mask needs --block-size >= 1 and --recent >= 1"):
+        TrainSettings(model="tiny:qwen2_5_vl", streaming_mask="blocksparse", recent=0)
+    with pytest.raises(ValueError, match="blocksparse mask needs --block-size >= 1"):
+        TrainSettings(model="tiny:qwen2_5_vl", streaming_mask="blocksparse", block_size=0)
+    with pytest.raises(ValueError, match="--gate-dtype"):
+        TrainSettings(model="tiny:qwen2_5_vl", gate_dtype="float16")
+    # the length guard counts the whole blocks a streaming query may see: 16 + 16 here, not 4 + 8
+    settings = TrainSettings(model="tiny:qwen2_5_vl", sink=4, recent=8, streaming_mask="blocksparse", block_size=16)
+    assert settings.window == (16, 16)
+    with pytest.raises(ValueError, match=r"sink 16 \+ recent 16\) = 40"):
+        check_sequence_length(39, *settings.window, "a test sequence")
+
+
 def eager(query, key, value, mask, scaling):
     scores = (query @ key.transpose(-1, -2)) * scaling
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ value
 
 
-@pytest.mark.parametrize("variant", ["paper", "official-teacher"])
-def test_mixed_attention_is_the_gated_sum(variant):
+@pytest.mark.parametrize("variant,mask", [("paper", "token"), ("official-teacher", "token"),
+                                          ("paper", "blocksparse")])
+def test_mixed_attention_is_the_gated_sum(variant, mask):
     torch.manual_seed(0)
     kv_heads, groups, length, dim = 3, 2, 24, 8
     gates = DuoGates(2, kv_heads)
     with torch.no_grad():
         gates.gates.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.3, 0.8]]))
     module = SimpleNamespace(layer_idx=1, num_key_value_groups=groups,
-                             duokit_duo_gates=MixedAttentionPlan(gates, SINK, RECENT, variant))
+                             duokit_duo_gates=MixedAttentionPlan(gates, SINK, RECENT, variant, mask, block_size=3))
     query = torch.randn(2, kv_heads * groups, length, dim)
     key, value = torch.randn(2, kv_heads, length, dim), torch.randn(2, kv_heads, length, dim)
     out, _ = mixed_attention(module, query, key, value, None, scaling=0.3)
 
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     causal = official_streaming_mask(length, 0, length)
-    window = official_streaming_mask(length, SINK, RECENT + 1)
+    window = (official_streaming_mask(length, SINK, RECENT + 1) if mask == "token"
+              else official_block_streaming_mask(length, 2, 3, 3))  # ceil(4 / 3), ceil(8 / 3)
     teacher = eager(query[:1], key[:1], value[:1], causal, 0.3)
     student_full = teacher if variant == "official-teacher" else eager(query[1:], key[1:], value[1:], causal, 0.3)
     student_stream = eager(query[1:], key[1:], value[1:], window, 0.3)
@@ -109,6 +162,38 @@ def test_mixed_attention_is_the_gated_sum(variant):
     expected = torch.cat([teacher, student]).transpose(1, 2)
     assert out.shape == (2, length, kv_heads * groups, dim)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_gates_mix_like_float32_gates_and_get_the_rounded_gradient():
+    """The official gates are bf16 parameters: the forward is the float32 one for the same (bf16) values,
+    and the gradient is the float32 gradient rounded to bf16."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 24, 8), torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
+    outputs, grads = [], []
+    for dtype in (torch.float32, torch.bfloat16):
+        gates = DuoGates(1, 2, dtype=dtype)
+        with torch.no_grad():
+            gates.gates.copy_(torch.tensor([[0.3, 0.8]]))
+        module = SimpleNamespace(layer_idx=0, num_key_value_groups=2,
+                                 duokit_duo_gates=MixedAttentionPlan(gates, SINK, RECENT, "paper"))
+        out, _ = mixed_attention(module, query, key, value, None, scaling=0.3)
+        out[1].square().sum().backward()
+        assert gates.gates.dtype == gates.gates.grad.dtype == dtype
+        outputs.append(out)
+        grads.append(gates.gates.grad)
+        if dtype == torch.float32:  # the float32 run uses the bf16-rounded values too
+            with torch.no_grad():
+                assert not torch.equal(gates.gates, gates.gates.bfloat16().float())
+    assert not torch.equal(outputs[0], outputs[1])  # 0.3 and 0.8 are not bf16 numbers
+    gates = DuoGates(1, 2)
+    with torch.no_grad():
+        gates.gates.copy_(torch.tensor([[0.3, 0.8]]).bfloat16().float())
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=2,
+                             duokit_duo_gates=MixedAttentionPlan(gates, SINK, RECENT, "paper"))
+    out, _ = mixed_attention(module, query, key, value, None, scaling=0.3)
+    out[1].square().sum().backward()
+    assert torch.equal(out, outputs[1])
+    assert torch.equal(gates.gates.grad.bfloat16(), grads[1])
 
 
 def test_mixed_attention_refuses_odd_batches_and_masks():
@@ -173,15 +258,24 @@ def test_answer_mask_covers_the_answer_words_only(qwen):
         assert example.position_ids.shape == (3, 1, example.num_tokens)
 
 
-def test_gates_at_one_give_zero_distillation_and_pure_l1_gradient(qwen):
+@pytest.mark.parametrize("variant,mask", [("paper", "token"), ("official-teacher", "token"),
+                                          ("official-teacher", "blocksparse")])
+def test_gates_at_one_give_zero_distillation_and_pure_l1_gradient(qwen, variant, mask):
     model, adapter, data = qwen
     gates = DuoGates(adapter.num_layers, adapter.num_kv_heads)
     example = data.example(0)
-    with enable_gate_training(model, gates, SINK, RECENT):
+    with enable_gate_training(model, gates, SINK, RECENT, variant, mask, block_size=4):
         loss, parts = step_loss(adapter, gates, example, reg_weight=0.05)
         loss.backward()
     assert parts["distill_loss"] == 0.0  # student == teacher bit for bit when every head is full
     torch.testing.assert_close(gates.gates.grad, torch.full_like(gates.gates, 0.05 / gates.gates.numel()))
+    # ... while half-open gates do change the student (the window hides keys of this example)
+    with torch.no_grad():
+        gates.gates.fill_(0.5)
+    with torch.no_grad(), enable_gate_training(model, gates, SINK, RECENT, variant, mask, block_size=4):
+        assert step_loss(adapter, gates, example, reg_weight=0.05)[1]["distill_loss"] > 0
+    if variant != "paper" or mask != "token":
+        return
     # the teacher half is the unpatched model
     with torch.no_grad():
         plain = adapter.language_model(inputs_embeds=example.inputs_embeds, position_ids=example.position_ids,
@@ -191,6 +285,41 @@ def test_gates_at_one_give_zero_distillation_and_pure_l1_gradient(qwen):
     torch.testing.assert_close(two_way[:1], plain, atol=1e-5, rtol=1e-5)
     assert model.config.get_text_config()._attn_implementation == "sdpa"
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_distillation_keeps_up_the_gates_the_loss_needs(qwen):
+    """L1 alone lowers every gate alike; with the distillation term the heads whose streaming version costs
+    the most loss (measured independently: one head streaming, every other full) stay high."""
+    model, adapter, data = qwen
+    example = data.example(1)
+    layers, kv_heads = adapter.num_layers, adapter.num_kv_heads
+    need = np.zeros((layers, kv_heads))
+    for layer in range(layers):
+        for head in range(kv_heads):
+            alone = DuoGates(layers, kv_heads)
+            with torch.no_grad():
+                alone.gates[layer, head] = 0.0
+            with torch.no_grad(), enable_gate_training(model, alone, SINK, RECENT):
+                need[layer, head] = step_loss(adapter, alone, example, 0.0)[1]["distill_loss"]
+
+    def train(distill: bool) -> np.ndarray:
+        gates = DuoGates(layers, kv_heads)
+        optimizer = torch.optim.AdamW(gates.parameters(), lr=0.02, weight_decay=0.0)
+        with enable_gate_training(model, gates, SINK, RECENT):
+            for _ in range(25):
+                loss = step_loss(adapter, gates, example, 0.05)[0] if distill else 0.05 * gates.regularization()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                gates.clamp_()
+        return gates.values()
+
+    l1_only, both = train(False), train(True)
+    assert np.all(l1_only == l1_only.flat[0]) and l1_only.flat[0] < 0.6  # ~ lr per step, whatever λ
+    assert both.min() > l1_only.flat[0] + 0.3
+    ranked = np.argsort(need, axis=None)  # least needed first
+    assert both.flat[ranked[-2:]].min() > both.flat[ranked[:2]].max()
+    assert need.flat[ranked[-2:]].min() > 5 * need.flat[ranked[:2]].max()  # the two groups really differ
 
 
 def test_distillation_gradient_reaches_every_gate(qwen):
@@ -290,9 +419,10 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
         example = data.example(index)
         decoded = adapter.tokenizer.decode(example.input_ids[0])  # byte-level: one token per byte
         answers = re.findall(r"Passkey: ([a-z ]+)\n\n", decoded)
-        hidden = re.findall(r"it's the (\d+\w\w) passkey to the vault: ([a-z ]+)\n\n", decoded)
+        hidden = re.findall(r"it's the (\w+) passkey to the vault: ([a-z ]+)\n\n", decoded)
         assert [words for _, words in hidden] == answers and len(answers) == 3
-        assert [ordinal for ordinal, _ in hidden] == ["1st", "2nd", "3rd"]
+        assert [ordinal for ordinal, _ in hidden] == ["first", "second", "third"]  # the official words
+        assert re.findall(r"what is the (\w+) passkey", decoded) == ["first", "second", "third"]
         assert all(len(a.split()) == 4 and set(a.split()) <= set(NATO) for a in answers)
         assert adapter.tokenizer.decode(example.input_ids[0][example.answer_mask]) == "".join(answers)
         assert decoded.startswith("<|im_start|> This is a very long story book: <book> ")  # no BOS: none exists
@@ -303,6 +433,8 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
     assert max(data.example(i).num_tokens for i in range(50)) <= 2000 - BUFFER_TOKENS
     with pytest.raises(ValueError, match="leaves .* haystack tokens.*raise --context-max"):
         PasskeyData(adapter, text, context_min=300, context_max=1000, num_passkeys=3, passkey_words=4)
+    with pytest.raises(ValueError, match="1 to 20 passkeys"):
+        PasskeyData(adapter, text, context_min=300, context_max=8000, num_passkeys=21, passkey_words=4)
     # ... and the opening text is encoded with the tokenizer's special tokens, as the official loader does:
     # a tokenizer that adds a BOS puts it first, once.
     from tokenizers.processors import TemplateProcessing
@@ -325,7 +457,55 @@ def test_passkey_recipe_on_a_local_text(tmp_path):
                           tmp_path / "run")
     config = json.loads((tmp_path / "run" / "pattern" / "config.json").read_text())
     assert config["dataset_format"] == "multiple_passkey" and config["steps_done"] == 2
-    assert summary["gates"].shape == (2, 2) and summary["gate_min"] < 1.0
+    history = [json.loads(line) for line in (tmp_path / "run" / "gate_history.jsonl").read_text().splitlines()]
+    assert summary["gates"].shape == (2, 2)
+    # gates at 1 on step 1; on step 2 the window hides part of the passkey context from the student
+    assert history[0]["distill_loss"] == 0.0 and history[1]["distill_loss"] > 0
+
+
+def merging_tokenizer(text, add_special_tokens=False, **_):
+    """A BPE-like toy: one token per character, but a space + lowercase letter is ONE token (like "Ġa"),
+    so "vault: alpha" is not tokens("vault: ") + tokens("alpha"). Special-token mode adds a BOS (257)."""
+    ids, i = [257] if add_special_tokens else [], 0
+    while i < len(text):
+        if text[i] == " " and text[i + 1:i + 2].islower():
+            ids.append(230 + ord(text[i + 1]) - ord("a"))
+            i += 2
+        else:
+            ids.append(ord(text[i]) % 128)
+            i += 1
+    return {"input_ids": ids}
+
+
+def test_passkey_is_the_same_tokens_in_needle_and_answer(tmp_path):
+    """The official loader encodes needle text and passkey separately, then concatenates: the model must
+    copy exactly the tokens it read. Encoding "…vault: alpha …" in one piece would merge across the seam."""
+    _, _, real = load_vlm("tiny:llama", dtype=torch.float32, device="cpu")
+    adapter = SimpleNamespace(tokenizer=merging_tokenizer, model=real.model, device=real.device,
+                              positions=real.positions)
+    text = tmp_path / "book.txt"
+    text.write_text("It was a dark and stormy night; the rain fell in torrents. " * 160)
+    data = PasskeyData(adapter, text, context_min=300, context_max=3000, num_passkeys=3, passkey_words=4)
+    for index in range(4):
+        example = data.example(index)
+        ids, mask = example.input_ids[0].tolist(), example.answer_mask.tolist()
+        assert ids[0] == 257 and ids.count(257) == 1  # BOS once, first
+        answers, current = [], []
+        for token, is_answer in zip(ids + [None], mask + [False]):
+            if is_answer:
+                current.append(token)
+            elif current:
+                answers.append(current)
+                current = []
+        assert len(answers) == 3
+        first_answer = mask.index(True)
+        for k, answer in enumerate(answers):
+            needle = (merging_tokenizer("\n\n")["input_ids"] + merging_tokenizer(
+                f"Remeber this sequence of words, it's the {['first', 'second', 'third'][k]} passkey to the vault: "
+            )["input_ids"] + answer + merging_tokenizer("\n\n")["input_ids"])
+            context = ids[:first_answer]
+            assert any(context[i:i + len(needle)] == needle for i in range(len(context))), f"needle {k} of {index}"
+        assert len(ids) <= 3000 - BUFFER_TOKENS
 
 
 # --- memory plan ---------------------------------------------------------------------------------------
@@ -415,7 +595,7 @@ def test_sigkill_then_resume_gives_bit_identical_gates(tmp_path):
     resumed, uninterrupted = load_checkpoint(killed), load_checkpoint(whole)
     assert resumed["step"] == uninterrupted["step"] == steps
     assert torch.equal(resumed["gates"], uninterrupted["gates"])
-    assert (resumed["gates"] < 1).any()
+    assert len(np.unique(resumed["gates"].numpy())) > 1  # the distillation term moved the gates apart
     for name in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(resumed["optimizer"]["state"][0][name], uninterrupted["optimizer"]["state"][0][name])
     assert (killed / "pattern" / "full_attention_heads.tsv").read_bytes() == (
@@ -431,15 +611,39 @@ def test_run_outputs_official_pattern_history_and_plots(tmp_path):
     pattern = load_pattern(tmp_path / "pattern")
     assert pattern.shape == (2, 2) and (pattern.sink_size, pattern.recent_size) == (SINK, RECENT)
     np.testing.assert_allclose(pattern.gates, summary["gates"], rtol=0, atol=1e-7)
-    assert ((summary["gates"] >= 0) & (summary["gates"] <= 1)).all() and summary["gates"].min() < 1.0
+    assert ((summary["gates"] >= 0) & (summary["gates"] <= 1)).all()
     for name in ("gates_heatmap.png", "gate_histogram.png", "loss.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # re-running a finished run resumes at the end and changes nothing
     again = train_gates(settings, tmp_path)
     assert again["resumed_from"] == 5 and np.array_equal(again["gates"], summary["gates"])
+    # a run written before --streaming-mask, --block-size and --gate-dtype existed resumes (their defaults)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("streaming_mask", "block_size", "gate_dtype"):
+        del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert train_gates(settings, tmp_path)["resumed_from"] == 5
     # resuming with other settings is refused, naming what changed
     with pytest.raises(ValueError, match="lr"):
         train_gates(TrainSettings(**{**settings.__dict__, "lr": 0.1}), tmp_path)
+
+
+def test_blocksparse_mask_and_bf16_gates_train_and_are_recorded(tmp_path):
+    settings = TrainSettings(model="tiny:qwen2_5_vl", steps=3, save_every=3, sink=SINK, recent=RECENT,
+                             streaming_mask="blocksparse", block_size=4, gate_dtype="bfloat16", progress=False,
+                             **VIDEO)
+    summary = train_gates(settings, tmp_path)
+    state = load_checkpoint(tmp_path)
+    assert state["gates"].dtype == torch.bfloat16
+    for name in ("exp_avg", "exp_avg_sq"):  # the AdamW state is in the gates' dtype, as in the official code
+        assert state["optimizer"]["state"][0][name].dtype == torch.bfloat16
+    assert np.array_equal(summary["gates"], state["gates"].float().numpy())
+    config = json.loads((tmp_path / "pattern" / "config.json").read_text())
+    assert (config["streaming_attn_implementation"], config["block_size"], config["gate_dtype"]) == (
+        "blocksparse", 4, "bfloat16")
+    np.testing.assert_array_equal(load_pattern(tmp_path / "pattern").gates, summary["gates"])
+    with pytest.raises(ValueError, match="gate_dtype: 'bfloat16' -> 'float32'"):
+        train_gates(TrainSettings(**{**settings.__dict__, "gate_dtype": "float32"}), tmp_path)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):

@@ -5,7 +5,16 @@ plain causal attention) and the student (second half) — the official "two-way"
 KV head outputs `α·full + (1 − α)·streaming`, where streaming attention sees the first `sink` tokens,
 the `recent` tokens before the query and the query itself: the window of inference (duokit's one
 convention for `recent`, docs/duoattention.md "The meaning of `recent`"). The official training mask
-(`generate_streaming_mask`, §2) counts the query among its `recent` tokens, one fewer. Two variants of `full`:
+(`generate_streaming_mask`, §2) counts the query among its `recent` tokens, one fewer. Two streaming masks:
+
+- `token` (default): that exact token window, the official `sdpa` option with inference's `recent`.
+- `blocksparse`: the official default (`streaming_attn_implementation="blocksparse"`, the
+  Block-Sparse-Attention kernel): `block`-token blocks, `ceil(sink/block)` sink blocks and
+  `ceil(recent/block)` local blocks counting the query's own, causal inside it; at block 128 and
+  128/256 a query sees the first 128 tokens and the last 129–256, itself included. duokit applies
+  this mask with sdpa (same attention, not the kernel's speed).
+
+Two variants of `full`:
 
 - `paper` (default): full attention on the student's own q/k/v — the paper's formula.
 - `official-teacher`: the teacher's full-attention output at that layer, as the released
@@ -28,19 +37,26 @@ import torch
 import torch.nn.functional as F
 
 from duokit.methods.attention import select_attention
+from duokit.methods.duo.train import OFFICIAL_BLOCK_SIZE, STREAMING_MASKS
 
 TRAINING_ATTENTION = "duokit_duo_train"
 VARIANTS = ("paper", "official-teacher")
+GATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Official `initial_value` (mit-han-lab/duo-attention); the VILA port's 0.5 is not used.
 INITIAL_GATE = 1.0
 
 
 class DuoGates(torch.nn.Module):
-    """The trainable gates: `gates[layer, kv_head]` (float32, whatever the model's dtype)."""
+    """The trainable gates: `gates[layer, kv_head]`, float32 unless `dtype` says otherwise."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, initial_value: float = INITIAL_GATE):
+    def __init__(self, num_layers: int, num_kv_heads: int, initial_value: float = INITIAL_GATE,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.gates = torch.nn.Parameter(torch.full((num_layers, num_kv_heads), float(initial_value)))
+        self.gates = torch.nn.Parameter(torch.full((num_layers, num_kv_heads), float(initial_value), dtype=dtype))
+
+    def values(self):
+        """The gates as a float32 numpy array (numpy has no bfloat16)."""
+        return self.gates.detach().float().cpu().numpy()
 
     def regularization(self) -> torch.Tensor:
         """`l1_loss` of the official code: mean |α| over all gates, on the live parameter (§3, §13.1)."""
@@ -58,6 +74,8 @@ class MixedAttentionPlan:
     sink: int
     recent: int
     variant: str
+    mask: str = "token"
+    block_size: int = OFFICIAL_BLOCK_SIZE
 
 
 @lru_cache(maxsize=4)
@@ -72,6 +90,20 @@ def streaming_mask(length: int, sink: int, recent: int, device: torch.device) ->
     return (key <= query) & ((key < sink) | (query - key <= recent))
 
 
+@lru_cache(maxsize=4)
+def blocksparse_mask(length: int, sink: int, recent: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """`[length, length]` bool: the official block-sparse streaming pattern at token level.
+
+    Blocks of `block_size` tokens from position 0; query i sees key j iff j <= i and (j's block is one of
+    the first ceil(sink / block_size), or i's block minus j's block < ceil(recent / block_size)).
+    """
+    sink_blocks, local_blocks = -(-sink // block_size), -(-recent // block_size)
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
+    query_block, key_block = query // block_size, key // block_size
+    return (key <= query) & ((key_block < sink_blocks) | (query_block - key_block < local_blocks))
+
+
 def _expand_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     """`[B, H_kv, T, D]` -> `[B, H_kv·groups, T, D]` in `repeat_kv` order (KV head h serves h·groups…)."""
     return states.repeat_interleave(groups, dim=1) if groups > 1 else states
@@ -81,8 +113,12 @@ def full_attention(query, key, value, scaling) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
 
 
-def streaming_attention(query, key, value, scaling, sink: int, recent: int) -> torch.Tensor:
-    mask = streaming_mask(query.shape[-2], sink, recent, query.device)
+def streaming_attention(query, key, value, scaling, plan: MixedAttentionPlan) -> torch.Tensor:
+    length = query.shape[-2]
+    if plan.mask == "blocksparse":
+        mask = blocksparse_mask(length, plan.sink, plan.recent, plan.block_size, query.device)
+    else:
+        mask = streaming_mask(length, plan.sink, plan.recent, query.device)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
 
@@ -106,25 +142,44 @@ def mixed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     with torch.no_grad():
         teacher = full_attention(query[:half], key[:half], value[:half], scaling)
     student_q, student_k, student_v = query[half:], key[half:], value[half:]
-    stream = streaming_attention(student_q, student_k, student_v, scaling, plan.sink, plan.recent)
+    stream = streaming_attention(student_q, student_k, student_v, scaling, plan)
     full = teacher if plan.variant == "official-teacher" else full_attention(student_q, student_k, student_v, scaling)
-    alpha = plan.gates.gates[module.layer_idx].repeat_interleave(groups)[None, :, None, None]
-    # Mix in float32 so bf16 models still give the gates full-precision gradients.
+    # Mix in float32 so bf16 models and bf16 gates still get a float32 gradient, rounded once to the gates'
+    # dtype (α's two paths, summed in bf16, cancel: a 20% error in the test's example).
+    alpha = plan.gates.gates[module.layer_idx].float().repeat_interleave(groups)[None, :, None, None]
     student = (alpha * full.float() + (1 - alpha) * stream.float()).to(query.dtype)
     return torch.cat([teacher, student]).transpose(1, 2).contiguous(), None
 
 
-def enable_gate_training(model: torch.nn.Module, gates: DuoGates, sink: int, recent: int,
-                         variant: str = "paper") -> contextlib.AbstractContextManager:
+def check_window(sink: int, recent: int, mask: str = "token", block_size: int = OFFICIAL_BLOCK_SIZE) -> None:
+    """One clear error for a streaming window the mixed attention cannot use."""
+    if mask not in STREAMING_MASKS:
+        raise ValueError(f"streaming mask must be one of {STREAMING_MASKS}, got {mask!r}")
+    if sink < 0 or recent < 0:
+        raise ValueError(f"need sink >= 0 and recent >= 0, got sink={sink}, recent={recent}")
+    if mask == "blocksparse" and (block_size < 1 or recent < 1):
+        raise ValueError(f"the blocksparse mask needs --block-size >= 1 and --recent >= 1 (a query must see its own "
+                         f"block), got block size {block_size}, recent {recent}")
+
+
+def window_span(sink: int, recent: int, mask: str = "token", block_size: int = OFFICIAL_BLOCK_SIZE) -> tuple[int, int]:
+    """(sink, recent) tokens a streaming query can see at most: block multiples under `blocksparse`."""
+    if mask == "blocksparse":
+        return -(-sink // block_size) * block_size, -(-recent // block_size) * block_size
+    return sink, recent
+
+
+def enable_gate_training(model: torch.nn.Module, gates: DuoGates, sink: int, recent: int, variant: str = "paper",
+                         mask: str = "token", block_size: int = OFFICIAL_BLOCK_SIZE,
+                         ) -> contextlib.AbstractContextManager:
     """Select the mixed attention for the language model only (a context manager that undoes it)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if sink < 0 or recent < 0:
-        raise ValueError(f"need sink >= 0 and recent >= 0, got sink={sink}, recent={recent}")
+    check_window(sink, recent, mask, block_size)
     text_config = model.config.get_text_config()
     expected = (text_config.num_hidden_layers, text_config.num_key_value_heads)
     if tuple(gates.gates.shape) != expected:
         raise ValueError(f"gates have shape {tuple(gates.gates.shape)}; the model needs {expected} "
                          "(layers x KV heads)")
-    plan = MixedAttentionPlan(gates, sink, recent, variant)
+    plan = MixedAttentionPlan(gates, sink, recent, variant, mask, block_size)
     return select_attention(model, TRAINING_ATTENTION, mixed_attention, "duokit_duo_gates", lambda module: plan)

@@ -38,10 +38,19 @@ OFFICIAL_REG_WEIGHT = 0.05
 OFFICIAL_STEPS = 2000
 OFFICIAL_SAVE_EVERY = 50
 TRAIN_SINK, TRAIN_RECENT = 128, 256
+# Streaming masks in training (gates.py): the exact token window, or the official default's block-sparse
+# pattern, whose kernel (Block-Sparse-Attention) has a fixed block size.
+STREAMING_MASKS = ("token", "blocksparse")
+OFFICIAL_BLOCK_SIZE = 128
+# Gate precision: float32, or the official choice, the model's dtype (bf16 in every shipped run), which
+# puts the AdamW state in that dtype too.
+GATE_DTYPE_NAMES = ("float32", "bfloat16")
 HISTORY_FILE = "gate_history.jsonl"
 CONFIG_FILE = "config.json"
 # Settings that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("save_every", "progress")
+# Settings added after runs were already written: a saved config without them ran with these values.
+ADDED_SETTINGS = {"streaming_mask": "token", "block_size": OFFICIAL_BLOCK_SIZE, "gate_dtype": "float32"}
 # Which hidden states enter the loss: those AT the answer tokens (the official label alignment, §3),
 # or those PREDICTING them (position t − 1 produces token t; better for one-token answers).
 LOSS_POSITIONS = ("answer", "predicting")
@@ -67,6 +76,9 @@ class TrainSettings:
     sink: int = TRAIN_SINK
     recent: int = TRAIN_RECENT
     variant: str = "paper"
+    streaming_mask: str = "token"  # or "blocksparse", the official default (gates.py)
+    block_size: int = OFFICIAL_BLOCK_SIZE  # blocksparse only
+    gate_dtype: str = "float32"  # or "bfloat16", the official (model-dtype) gates
     loss_positions: str = "answer"
     seed: int = 0
     # video data (synthesizer training variant)
@@ -86,19 +98,27 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from duokit.methods.duo.gates import VARIANTS
+        from duokit.methods.duo.gates import VARIANTS, check_window
 
         if self.steps < 1 or self.save_every < 1:
             raise ValueError(f"--steps and --save-every must be >= 1, got {self.steps}, {self.save_every}")
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.sink < 0 or self.recent < 0:
-            raise ValueError(f"need --sink >= 0 and --recent >= 0, got {self.sink}, {self.recent}")
+        check_window(self.sink, self.recent, self.streaming_mask, self.block_size)
+        if self.gate_dtype not in GATE_DTYPE_NAMES:
+            raise ValueError(f"--gate-dtype must be one of {GATE_DTYPE_NAMES}, got {self.gate_dtype!r}")
         if self.loss_positions not in LOSS_POSITIONS:
             raise ValueError(f"--loss-positions must be one of {LOSS_POSITIONS}, got {self.loss_positions!r}")
         if self.frame_size is None:
             self.frame_size = default_frame_size(self.model)
         self.frames, self.frame_size, self.needles = tuple(self.frames), tuple(self.frame_size), tuple(self.needles)
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(sink, recent) a streaming query sees at most (block multiples under the blocksparse mask)."""
+        from duokit.methods.duo.gates import window_span
+
+        return window_span(self.sink, self.recent, self.streaming_mask, self.block_size)
 
     def to_json(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
@@ -119,7 +139,7 @@ def check_sequence_length(tokens: int, sink: int, recent: int, what: str) -> Non
             f"{what} has {tokens} tokens, but gate training needs at least {MIN_LENGTH_RATIO} x (sink {sink} + "
             f"recent {recent}) = {needed:.0f}: at or under sink + recent the streaming and full attention see the "
             "same keys and the loss is 0. Use more --frames, a larger --frame-size / --max-pixels, longer texts "
-            "or a smaller --sink/--recent (docs/duo_training.md)")
+            "or a smaller --sink/--recent (and --block-size under the blocksparse mask; docs/duo_training.md)")
 
 
 def official_lr_lambda(num_steps: int):
@@ -185,7 +205,7 @@ def check_run_dir(run_dir: Path, settings: TrainSettings) -> None:
     path = run_dir / CONFIG_FILE
     wanted = settings.to_json()
     if path.exists():
-        saved = read_json(path)
+        saved = {**ADDED_SETTINGS, **read_json(path)}
         changed = sorted(k for k in set(saved) | set(wanted)
                          if k not in RESUMABLE_CHANGES and saved.get(k) != wanted.get(k))
         if changed:
@@ -217,7 +237,9 @@ def pattern_config(settings: TrainSettings, step: int, num_layers: int, num_kv_h
             "context_length_min": settings.context_min, "context_length_max": settings.context_max,
             "frames": list(settings.frames), "frame_size": list(settings.frame_size),
             "max_pixels": settings.max_pixels, "min_pixels": settings.min_pixels,
-            "streaming_attn_implementation": "sdpa", "variant": settings.variant,
+            "streaming_attn_implementation": "sdpa" if settings.streaming_mask == "token" else "blocksparse",
+            "block_size": settings.block_size if settings.streaming_mask == "blocksparse" else None,
+            "gate_dtype": settings.gate_dtype, "variant": settings.variant,
             "num_layers": num_layers, "num_kv_heads": num_kv_heads, "method": "DuoAttention (trained gates)"}
 
 
@@ -328,7 +350,7 @@ def check_settings_sequence_length(settings: TrainSettings) -> None:
     from duokit.models.needlenet.gate_data import is_needlenet
 
     if settings.text_file is not None:
-        check_sequence_length(settings.context_min, settings.sink, settings.recent, "--context-min")
+        check_sequence_length(settings.context_min, *settings.window, "--context-min")
         return
     if is_needlenet(settings.model):
         return
@@ -338,7 +360,7 @@ def check_settings_sequence_length(settings: TrainSettings) -> None:
     frames = min(settings.frames)
     video, total = video_prompt_tokens(adapter, frames, settings.frame_size)
     width, height = settings.frame_size
-    check_sequence_length(total, settings.sink, settings.recent,
+    check_sequence_length(total, *settings.window,
                           f"a {frames}-frame {width}x{height} training video ({video} video tokens, "
                           f"{video / frames:.1f} per frame, with the prompt)")
 
@@ -371,7 +393,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     from tqdm.auto import tqdm
 
     from duokit.methods.duo.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from duokit.methods.duo.gates import DuoGates, enable_gate_training
+    from duokit.methods.duo.gates import GATE_DTYPES, DuoGates, enable_gate_training
     from duokit.methods.duo.pattern import save_pattern
     from duokit.methods.duo.train_data import PasskeyData, VideoNeedleData
     from duokit.methods.duo.train_plots import write_plots
@@ -384,7 +406,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     model, _, adapter = load_vlm(settings.model, dtype=settings.dtype, device=settings.device,
                                  max_pixels=settings.max_pixels, min_pixels=settings.min_pixels)
     model.requires_grad_(False)
-    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads).to(adapter.device)
+    gates = DuoGates(adapter.num_layers, adapter.num_kv_heads, dtype=GATE_DTYPES[settings.gate_dtype]).to(adapter.device)
     optimizer = torch.optim.AdamW(gates.parameters(), lr=settings.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, official_lr_lambda(settings.steps))
     state = load_checkpoint(run_dir)
@@ -410,7 +432,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
         save_checkpoint(run_dir, {"step": step, "data_position": step, "gates": gates.gates.detach().cpu(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "rng": rng_state()})
-        save_pattern(run_dir / "pattern", gates.gates.detach().cpu().numpy(), settings.sink, settings.recent,
+        save_pattern(run_dir / "pattern", gates.values(), settings.sink, settings.recent,
                      **pattern_config(settings, step, adapter.num_layers, adapter.num_kv_heads, custom_data))
 
     checkpointing = settings.gradient_checkpointing
@@ -422,10 +444,11 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
     language_model.train(checkpointing)  # transformers checkpoints layers only in training mode
     bar = tqdm(total=settings.steps, initial=start, desc="train-duo", disable=not settings.progress)
     try:
-        with enable_gate_training(model, gates, settings.sink, settings.recent, settings.variant):
+        with enable_gate_training(model, gates, settings.sink, settings.recent, settings.variant,
+                                  settings.streaming_mask, settings.block_size):
             for step in range(start, settings.steps):
                 example = data.example(step)
-                check_sequence_length(example.num_tokens, settings.sink, settings.recent, f"training example {step}")
+                check_sequence_length(example.num_tokens, *settings.window, f"training example {step}")
                 loss, parts = step_loss(adapter, gates, example, settings.reg_weight, settings.loss_positions)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -433,7 +456,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
                 optimizer.step()
                 scheduler.step()
                 gates.clamp_()
-                values = gates.gates.detach().cpu().numpy()
+                values = gates.values()
                 history.append({"step": step + 1, **parts, "lr": lr, **gate_stats(values), "gates": values.tolist()})
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", **{k: f"{v:.3f}" for k, v in gate_stats(values).items()})
@@ -446,7 +469,7 @@ def train_gates(settings: TrainSettings, run_dir: str | os.PathLike,
             model.activation_checkpointing_disable()
     if start >= settings.steps:  # finished before: rewrite the outputs (idempotent)
         save(settings.steps)
-    final = gates.gates.detach().cpu().numpy()
+    final = gates.values()
     write_plots(run_dir / "plots", final, list(iter_jsonl(run_dir / HISTORY_FILE)))
     return {"run_dir": str(run_dir), "steps": settings.steps, "resumed_from": start, "gates": final,
             **gate_stats(final)}

@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 from duokit.methods.duo.train import (
+    GATE_DTYPE_NAMES,
+    OFFICIAL_BLOCK_SIZE,
     OFFICIAL_LR,
     OFFICIAL_REG_WEIGHT,
     OFFICIAL_SAVE_EVERY,
     OFFICIAL_STEPS,
+    STREAMING_MASKS,
     TRAIN_RECENT,
     TRAIN_SINK,
 )
@@ -37,6 +40,15 @@ def register(subparsers) -> None:
     parser.add_argument("--variant", choices=("paper", "official-teacher"), default="paper",
                         help="full-attention term of the mix: the student's own (paper, default) or the teacher's "
                              "(the official code)")
+    parser.add_argument("--streaming-mask", choices=STREAMING_MASKS, default="token",
+                        help="streaming window in training: the exact token window of inference (token, default) "
+                             "or the official default's block-sparse pattern (blocksparse: ceil(sink/B) sink blocks "
+                             "and ceil(recent/B) local blocks of --block-size tokens)")
+    parser.add_argument("--block-size", type=int, default=OFFICIAL_BLOCK_SIZE,
+                        help=f"blocksparse block size in tokens (default {OFFICIAL_BLOCK_SIZE}, the official kernel's)")
+    parser.add_argument("--gate-dtype", choices=GATE_DTYPE_NAMES, default="float32",
+                        help="gate (and AdamW state) precision: float32 (default) or bfloat16, the official "
+                             "code's (gates in the model dtype)")
     parser.add_argument("--loss-positions", choices=("answer", "predicting"), default="answer",
                         help="hidden states in the loss: at the answer tokens (official, default) or at the "
                              "positions predicting them (better for one-token answers)")
@@ -76,7 +88,8 @@ def settings_from_args(args: argparse.Namespace):
 
     return TrainSettings(
         model=args.model, steps=args.steps, save_every=args.save_every, lr=args.lr, reg_weight=args.reg,
-        sink=args.sink, recent=args.recent, variant=args.variant, loss_positions=args.loss_positions,
+        sink=args.sink, recent=args.recent, variant=args.variant, streaming_mask=args.streaming_mask,
+        block_size=args.block_size, gate_dtype=args.gate_dtype, loss_positions=args.loss_positions,
         seed=args.seed, frames=tuple(args.frames),
         frame_size=None if args.frame_size is None else tuple(args.frame_size), max_pixels=args.max_pixels,
         min_pixels=args.min_pixels, fps=args.fps, needles=tuple(args.needles), text_file=args.text_file,

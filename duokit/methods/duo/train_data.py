@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from duokit.data.synth.training import QA, TrainingConfig, TrainingGenerator, ordinal
+from duokit.data.synth.training import QA, TrainingConfig, TrainingGenerator
 
 
 @dataclass
@@ -122,8 +122,13 @@ DEPTH_RANGE = (0.05, 0.95)
 DEPTH_INTERVALS = 1000
 CONTEXT_OPEN = "<|im_start|> This is a very long story book: <book> "
 CONTEXT_CLOSE = " </book>.\n\n"
-NEEDLE = "\n\nRemeber this sequence of words, it's the {} passkey to the vault: {}\n\n"
+NEEDLE = "Remeber this sequence of words, it's the {} passkey to the vault: "
+SEPARATOR = "\n\n"
 QUESTION = "Based on the content of the book, what is the {} passkey to the vault?\nPasskey: "
+# The official ORDINAL_NUMBERS: words, so at most 20 passkeys.
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+            "eighteenth", "nineteenth", "twentieth")
 # Tokens kept free below --context-max: the official loader trims the haystack to context_max - 300 - the
 # prompt, needles and questions (duo_attn/data.py, `buffer_size`), so no sequence exceeds context_max.
 BUFFER_TOKENS = 300
@@ -133,8 +138,9 @@ class PasskeyData:
     """The official multi-passkey retrieval samples over a user-supplied haystack text.
 
     As the official loader encodes them: the opening text with the tokenizer's special tokens (BOS for
-    Llama-family tokenizers, nothing for Qwen's), everything else without; the haystack trimmed once so
-    that haystack + opening + needles + questions + answers + BUFFER_TOKENS fit in `context_max`.
+    Llama-family tokenizers, nothing for Qwen's), everything else without, each piece on its own — so a
+    passkey is the same tokens in its needle and in its answer; the haystack trimmed once so that
+    haystack + opening + needles + questions + answers + BUFFER_TOKENS fit in `context_max`.
     """
 
     def __init__(self, adapter: Any, text_file: str | Path, context_min: int = 1000, context_max: int = 32000,
@@ -144,6 +150,8 @@ class PasskeyData:
             raise FileNotFoundError(f"{path}: haystack text file not found; pass any long plain-text file")
         if not 0 < context_min <= context_max:
             raise ValueError(f"need 0 < context_min <= context_max, got {context_min}, {context_max}")
+        if not 0 < num_passkeys <= len(ORDINALS):
+            raise ValueError(f"need 1 to {len(ORDINALS)} passkeys (the official ordinal words), got {num_passkeys}")
         self.adapter, self.seed = adapter, seed
         self.num_passkeys, self.passkey_words = num_passkeys, passkey_words
         tokenizer = adapter.tokenizer
@@ -154,13 +162,14 @@ class PasskeyData:
         self.lengths = np.linspace(context_min, context_max, CONTEXT_INTERVALS).astype(int)
         self.depths = np.linspace(*DEPTH_RANGE, DEPTH_INTERVALS)
         self.open_tokens = tokenizer(CONTEXT_OPEN, add_special_tokens=True)["input_ids"]
-        # The rest of a sequence at its longest: every needle and question with a passkey of the
-        # longest-tokenizing words (the official loader counts one random passkey).
-        word = max(len(self._tokens(" " + word)) for word in NATO)
-        passkey = " ".join([max(NATO, key=lambda w: len(self._tokens(" " + w)))] * passkey_words)
+        # The rest of a sequence at its longest: every needle and question, each passkey (twice) as long
+        # as its longest-tokenizing words make it (the official loader counts one random passkey).
+        passkey = (max(len(self._tokens(word)) for word in NATO)
+                   + (passkey_words - 1) * max(len(self._tokens(" " + word)) for word in NATO))
+        separator = len(self._tokens(SEPARATOR))
         rest = len(self.open_tokens) + len(self._tokens(CONTEXT_CLOSE)) + sum(
-            len(self._tokens(NEEDLE.format(ordinal(k + 1), passkey))) + len(self._tokens(QUESTION.format(ordinal(k + 1))))
-            + word * passkey_words + len(self._tokens("\n\n")) for k in range(num_passkeys))
+            len(self._tokens(NEEDLE.format(ORDINALS[k]))) + len(self._tokens(QUESTION.format(ORDINALS[k])))
+            + 2 * passkey + 3 * separator for k in range(num_passkeys))
         if context_max - BUFFER_TOKENS - rest < context_min:
             raise ValueError(f"--context-max {context_max} leaves {context_max - BUFFER_TOKENS - rest} haystack tokens "
                              f"after the prompt, {num_passkeys} needles and questions ({rest} tokens) and the "
@@ -175,19 +184,19 @@ class PasskeyData:
         # The official loader shuffles the 50 lengths each pass; here a seeded permutation per pass.
         length = int(self.lengths[np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))[slot]])
         rng = np.random.default_rng([self.seed, epoch, slot, 1])
-        passkeys = [" ".join(rng.choice(NATO, self.passkey_words)) for _ in range(self.num_passkeys)]
+        passkeys = [self._tokens(" ".join(rng.choice(NATO, self.passkey_words))) for _ in range(self.num_passkeys)]
+        separator = self._tokens(SEPARATOR)
         depths = np.sort(rng.choice(self.depths, self.num_passkeys, replace=False))
         haystack = self.haystack[:length]
         context, start = [], 0
         for k, (depth, passkey) in enumerate(zip(depths, passkeys)):
             cut = int(depth * len(haystack))
-            context += haystack[start:cut] + self._tokens(NEEDLE.format(ordinal(k + 1), passkey))
+            context += haystack[start:cut] + separator + self._tokens(NEEDLE.format(ORDINALS[k])) + passkey + separator
             start = cut
         context += haystack[start:]
         pieces = [(self.open_tokens + context + self._tokens(CONTEXT_CLOSE), False)]
         for k, passkey in enumerate(passkeys):
-            pieces += [(self._tokens(QUESTION.format(ordinal(k + 1))), False), (self._tokens(passkey), True),
-                       (self._tokens("\n\n"), False)]
+            pieces += [(self._tokens(QUESTION.format(ORDINALS[k])), False), (passkey, True), (separator, False)]
         ids = torch.tensor([[t for tokens, _ in pieces for t in tokens]], device=self.adapter.device)
         answer = torch.tensor([is_answer for tokens, is_answer in pieces for _ in tokens], dtype=torch.bool)
         with torch.no_grad():
