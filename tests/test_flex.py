@@ -113,16 +113,16 @@ def reference_selection(attention, low_grid, high_grid, threshold, cell):
     return chosen
 
 
-@pytest.mark.parametrize("family", QWEN)
-@pytest.mark.parametrize("cell", [1, 2])
-def test_probe_and_selection_match_a_dense_eager_pass(family, cell):
+@pytest.mark.parametrize(("family", "cell", "rows"), [(family, cell, "question") for family in QWEN for cell in (1, 2)]
+                         + [("qwen2_5_vl", 1, "last")])
+def test_probe_and_selection_match_a_dense_eager_pass(family, cell, rows):
     model, _, adapter = tiny(family)
     _, _, eager_adapter = load_vlm(f"tiny:{family}", attn_implementation="eager")
     lm = LM(model, adapter)
     view = sample(question_part("Who?"))  # few query rows, so their union does not take every cell
     low = embed_at(lm, view, 2 * LOW_PIXELS)  # 2 x 4 low-res tokens per group, 2 groups
     rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1
-    method = get_method("flex", low_res=2 * LOW_PIXELS, cell=cell, threshold=0.97)
+    method = get_method("flex", low_res=2 * LOW_PIXELS, cell=cell, threshold=0.97, rows=rows)
     layer = method.layer(adapter.num_layers)
 
     with torch.no_grad():
@@ -140,7 +140,8 @@ def test_probe_and_selection_match_a_dense_eager_pass(family, cell):
     injected = prefix.video_mask.clone()
     injected[: low.num_tokens] = False
     got = {(int(g), int(i), int(j)) for g, (i, j) in zip(prefix.frame_of[injected], prefix.cell_of[injected])}
-    want = reference_selection(expected, low.video_grids[0], high_grid, 0.97, cell)
+    want = reference_selection(expected if rows == "question" else expected[-1:], low.video_grids[0], high_grid,
+                               0.97, cell)
     assert got == want
     assert 0 < len(got) < high_grid[0] * high_grid[1] * high_grid[2]
     assert prefix.costs["selected_tokens"] == len(got)
@@ -280,7 +281,7 @@ def test_budget_settings_split_the_budget_between_context_and_selection():
 def test_bad_settings_and_the_refused_family():
     for settings, message in (({"selection": "topk"}, "selection must be one of attention, random"),
                               ({"budget": 1.5}, "budget must be a fraction"), ({"cell": 0}, "cell must be >= 1"),
-                              ({"low_res": 0}, "low_res must be > 0"), ({"random_p": 2}, "random_p must be")):
+                              ({"low_res": 0}, "low_res must be > 0"), ({"rows": "all"}, "rows must be one of question, last"), ({"random_p": 2}, "random_p must be")):
         with pytest.raises(ValueError, match=message):
             get_method("flex", **settings)
     model, _, adapter = tiny("qwen2_5_vl")

@@ -47,6 +47,9 @@ from duokit.methods.flex.probe import question_attention
 from duokit.methods.flex.select import SELECTIONS, high_res_positions, select_tokens
 from duokit.metrics import Stopwatch
 
+# Query rows whose attention selects: every token after the video (the question; their cells are
+# united), or only the prefix's last token (FlexAttention's inference row, the last prompt token).
+ROWS = ("question", "last")
 PROBE_CHUNK = 2048  # tokens per chunk of the selection pass (the engine's default prefill chunk)
 
 
@@ -59,7 +62,9 @@ class Flex(Method):
     32), `threshold` (on the min-max normalised row, FlexAttention's 48/255), `cell` (coarse cell side in
     high-res merged tokens, FlexAttention's 72/9 = 8), `budget` (None, or a cap: this fraction of the
     high-res tokens, cells by attention mass), `selection` (`attention`, or `random`: each cell with
-    probability `random_p`, FlexAttention's `special=random` at 0.1, drawn from `seed` and the sample)."""
+    probability `random_p`, FlexAttention's `special=random` at 0.1, drawn from `seed` and the sample),
+    `rows` (`question`: the rows of every token after the video, their cells united; `last`: the prefix's
+    last token only, FlexAttention's inference row)."""
 
     name = "flex"
     prefix_depends_on_question = True
@@ -72,6 +77,7 @@ class Flex(Method):
     selection: str = "attention"
     seed: int = 0
     random_p: float = 0.1
+    rows: str = "question"
 
     def __post_init__(self) -> None:
         if not self.low_res > 0:
@@ -87,6 +93,8 @@ class Flex(Method):
             raise ValueError(f"flex budget must be a fraction in [0, 1] or None, got {self.budget!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"flex selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.rows not in ROWS:
+            raise ValueError(f"flex rows must be one of {', '.join(ROWS)}, got {self.rows!r}")
         if not 0 <= self.random_p <= 1:
             raise ValueError(f"flex random_p must be a probability in [0, 1], got {self.random_p!r}")
 
@@ -163,7 +171,7 @@ class Flex(Method):
         """`(N,)` bool over the high-res video tokens: the ones to re-inject."""
         attention = None
         if self.selection == "attention":
-            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1  # every token after the video: the question
+            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1 if self.rows == "question" else low.num_tokens - 1
             layer = self.layer(lm.geometry.num_layers)
             attention = question_attention(lm, low, layer, rows_from, PROBE_CHUNK).cpu()
         return select_tokens(attention, low.video_grids, high.video_grids, threshold=self.threshold, cell=self.cell,
