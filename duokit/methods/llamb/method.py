@@ -181,8 +181,7 @@ class LLaMB(Method):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         plan = self.plan(prefix)
         layers = lm.geometry.num_layers
-        held = list(range(plan.system))
-        kept = [torch.tensor(held, dtype=torch.long) for _ in range(layers)]
+        kept = [torch.zeros(0, dtype=torch.long) for _ in range(layers)]
         memory = 0
         pieces = [((0, plan.system), False)]
         last = len(plan.segments) - 1

@@ -61,8 +61,10 @@ def scene_boundaries(descriptors: torch.Tensor, segments: int = 3, threshold: fl
     depth = depth_scores(similarity)
     if threshold is None:
         boundaries = deepest(depth, min(segments, frames - 1))
+    elif frames == 2:  # one gap: the original's unbiased std is nan, so no gap passes the threshold
+        boundaries = []
     else:
-        std, mean = torch.std_mean(depth)  # one gap: std is nan, so no boundary (as in the original)
+        std, mean = torch.std_mean(depth)
         boundaries = (depth > mean + threshold * std).nonzero()[:, 0].tolist()
         if len(boundaries) > MAX_THRESHOLD_BOUNDARIES:
             boundaries = deepest(depth, MAX_THRESHOLD_BOUNDARIES)
