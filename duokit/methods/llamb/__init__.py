@@ -1,0 +1,1 @@
+"""VideoLLaMB proxy: SceneTilling and a recurrent KV memory over segments (`method.py`)."""
