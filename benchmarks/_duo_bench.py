@@ -46,15 +46,16 @@ def build_model(args: argparse.Namespace):
     return model.to(args.device).eval()
 
 
-def make_duo(args: argparse.Namespace, directory: str | Path | None = None):
-    """The `duo` method on a seeded random pattern of the model's shape."""
+def make_duo(args: argparse.Namespace, directory: str | Path | None = None, sparsity: float | None = None):
+    """The `duo` method on a seeded random pattern of the model's shape (`sparsity`: default `args.sparsity`)."""
     from duokit.methods.base import get_method
     from duokit.methods.duo.pattern import save_pattern
 
     directory = Path(directory or tempfile.mkdtemp(prefix="duo-bench-"))
     gates = np.random.default_rng(0).random((args.layers, args.kv_heads))
     save_pattern(directory, gates, sink_size=args.sink, recent_size=args.recent)
-    return get_method("duo", pattern=str(directory), sparsity=args.sparsity, sink=args.sink, recent=args.recent)
+    sparsity = args.sparsity if sparsity is None else sparsity
+    return get_method("duo", pattern=str(directory), sparsity=sparsity, sink=args.sink, recent=args.recent)
 
 
 def token_ids(length: int, vocab: int, device: str) -> torch.Tensor:
@@ -93,3 +94,92 @@ def new_cache(model, method):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config) if method is None else method.new_cache(lm(model), None)
+
+
+# --- fair setups (docs/decoding.md) ------------------------------------------------------------------
+# "stock": what a user runs otherwise (transformers' sdpa + DynamicCache); "stock-preallocated": the same
+# attention on duokit's default preallocated cache; "dense": duo's own kernels and cache with every head a
+# retrieval head (HeadPlan.exact=False), the baseline for what duo saves; "duo-S": duo at sparsity S.
+
+
+def setups(args: argparse.Namespace, sparsities=(0.5, 0.75)) -> dict:
+    """{name: (method or None, cache kind)}; the cache kind is "dynamic", "preallocated" or "duo"."""
+    chosen = {"stock": (None, "dynamic"), "stock-preallocated": (None, "preallocated"),
+              "dense": (make_duo(args, sparsity=0.0), "duo")}
+    for sparsity in sparsities:
+        chosen[f"duo-{sparsity:g}"] = (make_duo(args, sparsity=sparsity), "duo")
+    return chosen
+
+
+def filled_cache(model, method, kind: str, length: int, reserve: int, seed: int = 0):
+    """A cache of `kind` holding `length` random tokens per layer (decode time depends on the sizes only),
+    with room for `reserve` more; duo setups get `exact=False` plans (duo's kernels on every layer)."""
+    from dataclasses import replace
+
+    from transformers import DynamicCache
+
+    from duokit.methods.duo.cache import DuoCache
+    from duokit.methods.preallocated import PreallocatedCache
+
+    config = model.config
+    if kind == "dynamic":
+        cache = DynamicCache(config=config)
+    elif kind == "preallocated":
+        cache = PreallocatedCache(config.num_hidden_layers, length + reserve, reserve)
+    else:
+        # exact=False: an all-retrieval layer (every layer of "dense") runs the kernels of a mixed one.
+        plans = method.head_plans(config.num_hidden_layers, config.num_key_value_heads)
+        cache = DuoCache([replace(plan, exact=False) for plan in plans], length + reserve, reserve)
+    generator = torch.Generator().manual_seed(seed)
+    head_dim = config.hidden_size // config.num_attention_heads
+    shape = (1, config.num_key_value_heads, length, head_dim)
+    dtype = next(model.parameters()).dtype
+    for index in range(config.num_hidden_layers):
+        keys, values = (torch.randn(shape, generator=generator).to(model.device, dtype) for _ in range(2))
+        cache.update(keys, values, index)
+    return cache
+
+
+def bytes_moved_per_step(cache, kind: str, weights: int) -> int:
+    """Bytes a decode step reads or writes: the weights, the KV attention reads, and what the cache
+    writes to append (DynamicCache: `torch.cat` reads and rewrites the whole KV; preallocated: one token;
+    duo's streaming heads: the cat + evict of their sink + recent window, ~4 passes, + the read)."""
+    from duokit.metrics import kv_cache_bytes
+
+    kv = kv_cache_bytes(cache)
+    if kind == "dynamic":
+        return weights + 3 * kv
+    if kind == "preallocated":
+        return weights + kv
+    streaming = sum(layer.streaming_keys.nbytes + layer.streaming_values.nbytes for layer in cache.layers)
+    return weights + (kv - streaming) + 5 * streaming
+
+
+def allocator() -> dict:
+    """The glibc malloc settings of this process (they decide whether big `torch.cat` results get fresh
+    mmapped pages each step, which dominated the old baseline at 32k)."""
+    import os
+
+    return {key: os.environ[key] for key in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
+            if key in os.environ} or {"glibc": "default"}
+
+
+def ensure_allocator(argv: list[str]) -> None:
+    """Re-run this script with MALLOC_MMAP_MAX_=0 (no mmapped allocations: freed blocks are reused from
+    the heap) unless the caller chose glibc settings or `--default-allocator`; mallopt(3)."""
+    import os
+    import sys
+
+    if "--default-allocator" in argv or any(key.startswith("MALLOC_") for key in os.environ):
+        return
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_MAX_": "0"})
+
+
+def run_record(argv: list[str]) -> dict:
+    """What a JSON result records about its run: the command, the UTC date, torch threads, allocator."""
+    import datetime
+    import sys
+
+    return {"command": " ".join(["python", *sys.argv[:1], *argv]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "torch_threads": torch.get_num_threads(), "allocator": allocator(), "torch": torch.__version__}

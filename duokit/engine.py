@@ -2,7 +2,8 @@
 
 For one sample: build the prefix (system turn + video) through the real processor, embed it (vision
 tower once), let the method transform it, let the method prefill it (by default in chunks) into the
-method's cache, then for each try deep-copy the prefilled cache, append only that try's suffix
+method's cache, then for each try restore the prefilled state (`Method.prefix_restorer`: in place by
+truncation for the default preallocated cache, no copy of the prefix), append only that try's suffix
 (question + options + assistant header) and decode greedily (the official VNBench evaluation decodes
 max_new_tokens=5). Positions are passed explicitly on every step (M-RoPE for Qwen-VL), so the engine's
 tokens equal `model.generate` on the full prompt (tests/test_engine.py). A method whose prefix depends
@@ -14,7 +15,6 @@ The engine knows no method: it calls the hooks of `duokit.methods.base.Method` a
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -80,6 +80,9 @@ class LM:
     def __init__(self, model: Any, adapter: Any):
         self.model, self.adapter = model, adapter
         self.kv_bytes_peak = 0
+        # Tokens any try may add to a prefilled cache (longest suffix + max_new_tokens); the engine sets
+        # it per prefix, before `Method.new_cache`, which may preallocate them.
+        self.decode_reserve = 0
 
     @property
     def device(self) -> torch.device:
@@ -237,24 +240,26 @@ ADDITIVE_COSTS = ("vision_s", "prefill_s", "attention_flops", "mlp_flops", "visu
 
 def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], chunk_size: int,
                   max_new_tokens: int, keep_logits: bool) -> tuple[list[TryAnswer], dict[str, Any]]:
-    """The tries sharing one prefix: embed, prepare, prefill once, then each try on a copy of the cache."""
+    """The tries sharing one prefix: embed, prepare, prefill once, then each try on the restored prefix."""
     vision, prefill_watch = Stopwatch(lm.device), Stopwatch(lm.device)
     lm.kv_bytes_peak = 0
     with vision:
         prefix = lm.embed(sample)
     built = prefix.token_counts  # as the adapter built it, before the method acted
     prefix = method.prepare_prefix(prefix, sample, lm)
+    with_video = sample.frames is not None
+    suffixes = [lm.adapter.suffix_ids(t.prompt, with_video, sample.context, sample.question) for t in tries]
+    lm.decode_reserve = max(suffix.shape[1] for suffix in suffixes) + max_new_tokens
     cache = method.new_cache(lm, prefix)
     with prefill_watch, count_layer_tokens(lm.layers) as tokens_per_layer:
         cache = method.prefill(lm, prefix, cache, chunk_size)
     kv_bytes = kv_cache_bytes(cache)
+    restore = method.prefix_restorer(cache)
     answers, longest_try = [], 0
-    with_video = sample.frames is not None
-    for one_try in tries:
-        suffix = lm.adapter.suffix_ids(one_try.prompt, with_video, sample.context, sample.question)
+    for suffix in suffixes:
         logits: list | None = [] if keep_logits else None
         with Stopwatch(lm.device) as decode:
-            tokens = greedy_decode(lm, copy.deepcopy(cache), prefix, suffix, max_new_tokens, logits)
+            tokens = greedy_decode(lm, restore(), prefix, suffix, max_new_tokens, logits)
         # The cache saw the suffix and every generated token but the last (never fed back).
         longest_try = max(longest_try, suffix.shape[1] + len(tokens) - 1)
         text = lm.adapter.tokenizer.decode(tokens, skip_special_tokens=True)

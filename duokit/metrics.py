@@ -240,7 +240,9 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
     prefix_counts = TokenCounts(prefix_tokens - video_tokens, video_tokens, adapter.video_grids(inputs))
     try_counts = TokenCounts(try_tokens - video_tokens, video_tokens, prefix_counts.video_grids)
-    kv = planned_kv_bytes(adapter, method, prefix_counts) + planned_kv_bytes(adapter, method, try_counts)
+    # One cache per sample: each try restores the prefix in place (plus what the method keeps to do so).
+    kv = planned_kv_bytes(adapter, method, try_counts) + method.estimate_restore_kv_bytes(adapter.geometry,
+                                                                                         prefix_counts)
     config = adapter.text_config
     chunk = min(chunk_size, prefix_tokens)
     device = model.device if device is None else torch.device(device)

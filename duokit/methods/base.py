@@ -5,9 +5,10 @@ for the duration of a run (`with method.apply(model, adapter): ...`) and, per sa
 in this order (docs/architecture.md, "The method protocol"):
 
     prefix = method.prepare_prefix(prefix, sample, lm)     # the embedded prefix; may keep/pool/insert tokens
-    cache  = method.new_cache(lm, prefix)                   # a fresh KV cache (default: DynamicCache)
+    cache  = method.new_cache(lm, prefix)                   # a fresh KV cache (default: preallocated)
     cache  = method.prefill(lm, prefix, cache, chunk_size)  # default: lm.prefill, fixed chunks
-    ... per try: copy.deepcopy(cache), the try's suffix, greedy decoding through lm.forward
+    restore = method.prefix_restorer(cache)                 # default: the cache's own, else deepcopy
+    ... per try: restore(), the try's suffix, greedy decoding through lm.forward
 
 Within `apply` (override `install`) a method may select an attention function for the language model
 only (`duokit.methods.attention.select_attention`) or add forward pre-hooks; it never replaces a
@@ -23,11 +24,12 @@ to edit).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import pkgutil
 import types
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -187,12 +189,23 @@ class Method:
     def new_cache(self, lm: Any, prefix: Any) -> Any:
         """A fresh KV cache for one sample (it may carry per-sample state derived from `prefix`).
 
-        The engine gives each try a `copy.deepcopy` of the prefilled cache, so a cache must survive
-        deepcopy; tensors that are not KV belong elsewhere (`kv_cache_bytes` counts every tensor of
-        a cache layer)."""
-        from transformers import DynamicCache
+        The default allocates each layer once for the prefix plus `lm.decode_reserve` tokens (the
+        longest try suffix + `max_new_tokens`, set by the engine) and appends in place
+        (`duokit.methods.preallocated`). A cache must survive deepcopy; tensors that are not KV belong
+        elsewhere (`kv_cache_bytes` counts every tensor attribute of a cache layer)."""
+        from duokit.methods.preallocated import preallocated_cache
 
-        return DynamicCache(config=lm.adapter.text_config)
+        return preallocated_cache(lm.adapter.text_config, 0 if prefix is None else prefix.num_tokens, lm.decode_reserve)
+
+    def prefix_restorer(self, cache: Any) -> Callable[[], Any]:
+        """Called once after the prefill: a callable that returns a cache in the prefilled state, once
+        per try. The default uses the cache's own `prefix_restorer()` when it has one (in place, in
+        O(suffix) time and memory: `PreallocatedCache`, `DuoCache`), else gives each try a deepcopy.
+        A method whose cache deep-copies must say so in `estimate_restore_kv_bytes`."""
+        own = getattr(cache, "prefix_restorer", None)
+        if own is not None:
+            return own()
+        return lambda: copy.deepcopy(cache)
 
     def prefill(self, lm: Any, prefix: Any, cache: Any, chunk_size: int) -> Any:
         """Fill `cache` with `prefix`. The default is the engine's chunked prefill; a method may give its
@@ -224,6 +237,12 @@ class Method:
         planned). Default: `estimate_kv_bytes`; a method whose peak depends on the content of the prefix
         (where a segmentation put its boundaries, how many tokens a selection re-injected) overrides it."""
         return self.estimate_kv_bytes(geometry, tokens)
+
+    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
+        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them):
+        0 for a cache restored in place by truncation; `estimate_kv_bytes(geometry, prefix_tokens)` for
+        a method whose cache falls back to a deepcopy per try (the original stays alive beside it)."""
+        return 0
 
     def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int],
                                tokens: Any = None) -> dict[str, int]:

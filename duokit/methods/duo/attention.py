@@ -42,11 +42,11 @@ def duo_attention(module: torch.nn.Module, query: torch.Tensor, key: SplitKV | t
     if plan.retrieval_heads:
         query_heads = _query_heads(plan.retrieval_heads, groups)
         retrieval_query = select_heads(query, query_heads)
-        if query.shape[-2] == 1 and plan.streaming_heads and not dropout:
+        exact = plan.exact and not plan.streaming_heads
+        if query.shape[-2] == 1 and not exact and not dropout:
             output = packed_decode(retrieval_query, key.retrieval, value.retrieval, scaling)
         else:  # an all-retrieval layer keeps transformers' own call: bit-identical to the baseline
-            output = causal(module, retrieval_query, key.retrieval, value.retrieval, scaling, dropout,
-                            exact=not plan.streaming_heads)
+            output = causal(module, retrieval_query, key.retrieval, value.retrieval, scaling, dropout, exact=exact)
         outputs.append((query_heads, output))
     if plan.streaming_heads:
         query_heads = _query_heads(plan.streaming_heads, groups)

@@ -4,17 +4,23 @@ Retrieval heads keep every token; streaming heads keep the first `sink` tokens a
 most recent ones, so their memory is really never allocated beyond sink + recent. The recipe is the
 per-head layer of transformers' `Cache` / `CacheLayerMixin` API: `update` returns a `SplitKV` (not a tensor), which the model
 hands unchanged to the `duokit_duo` attention function; eviction happens after the current step.
+The retrieval heads append in place into one allocation (`duokit.methods.preallocated`); the streaming
+heads' few entries are rebuilt per step. `DuoCache.prefix_restorer` gives each try the prefilled state
+back: retrieval heads by truncation, streaming heads from the prefilled window, which it keeps (no
+step writes into an existing streaming tensor), so a try never evicts what the next one needs.
 Batch size 1 only: no padding masks, no beam search, no cropping.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
+
+from duokit.methods.preallocated import PreallocatedLayer
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,10 @@ class HeadPlan:
     sink: int
     recent: int
     full_first_chunk: bool = False
+    # An all-retrieval layer runs transformers' own sdpa call (bit-identical to the baseline); with
+    # exact=False it runs the kernels of a mixed layer (packed decode, mask-free CPU flash prefill):
+    # the dense baseline with duo's own kernels that benchmarks/duo_speed.py compares against.
+    exact: bool = True
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.recent < 0:
@@ -72,15 +82,15 @@ def head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(heads, dtype=torch.long, device=device)
 
 
-class DuoLayer(DynamicLayer):
-    """One layer: `keys`/`values` hold the retrieval heads (all tokens), `streaming_keys`/
-    `streaming_values` the streaming heads (at most sink + recent tokens). GQA is per KV head.
+class DuoLayer(PreallocatedLayer):
+    """One layer: `keys`/`values` hold the retrieval heads (all tokens, preallocated for `capacity`),
+    `streaming_keys`/`streaming_values` the streaming heads (at most sink + recent tokens). GQA is per KV head.
     """
 
     is_croppable = False
 
-    def __init__(self, plan: HeadPlan):
-        super().__init__()
+    def __init__(self, plan: HeadPlan, capacity: int = 0, reserve: int = 0):
+        super().__init__(capacity, reserve)
         self.plan = plan
         self.streaming_keys: torch.Tensor | None = None
         self.streaming_values: torch.Tensor | None = None
@@ -108,8 +118,9 @@ class DuoLayer(DynamicLayer):
         offset = past_length - cached
         self.cumulative_length += key_states.shape[-2]
         retrieval, streaming = self.plan.retrieval_heads, self.plan.streaming_heads
-        self.keys = torch.cat([self.keys, select_heads(key_states, retrieval)], dim=-2)
-        self.values = torch.cat([self.values, select_heads(value_states, retrieval)], dim=-2)
+        self.keys = self._append("keys", select_heads(key_states, retrieval), past_length, self.cumulative_length)
+        self.values = self._append("values", select_heads(value_states, retrieval), past_length,
+                                   self.cumulative_length)
         streaming_keys = torch.cat([self.streaming_keys, select_heads(key_states, streaming)], dim=-2)
         streaming_values = torch.cat([self.streaming_values, select_heads(value_states, streaming)], dim=-2)
         split = (SplitKV(self.keys, streaming_keys, self.plan, past_length, offset),
@@ -134,6 +145,12 @@ class DuoLayer(DynamicLayer):
         self.streaming_keys = self.streaming_values = None
         super().reset()
 
+    def restore(self, length: int, streaming_keys: torch.Tensor, streaming_values: torch.Tensor) -> None:
+        """Back to the state after `length` tokens, whose streaming entries were the given tensors."""
+        self.truncate(length)
+        self.cumulative_length = length
+        self.streaming_keys, self.streaming_values = streaming_keys, streaming_values
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the DuoAttention cache cannot be cropped: evicted streaming tokens are gone")
 
@@ -144,16 +161,32 @@ class DuoLayer(DynamicLayer):
 
 
 class DuoCache(Cache):
-    """One `DuoLayer` per language-model layer, laid out by its `HeadPlan`."""
+    """One `DuoLayer` per language-model layer, laid out by its `HeadPlan`; the retrieval heads of
+    each allocate `capacity` tokens at their first update (see `PreallocatedLayer`)."""
 
-    def __init__(self, plans: Sequence[HeadPlan]):
-        super().__init__(layers=[DuoLayer(plan) for plan in plans])
+    def __init__(self, plans: Sequence[HeadPlan], capacity: int = 0, reserve: int = 0):
+        super().__init__(layers=[DuoLayer(plan, capacity, reserve) for plan in plans])
+
+    def prefix_restorer(self) -> Callable[[], DuoCache]:
+        """A callable that puts every layer back to its state now and returns the cache. It keeps the
+        streaming tensors of now (at most sink + recent tokens per streaming head, the slack
+        `duo_kv_bytes(..., streaming_only=True)` counts); nothing is copied."""
+        states = [(layer.cumulative_length, layer.streaming_keys, layer.streaming_values) for layer in self.layers]
+
+        def restore() -> DuoCache:
+            for layer, state in zip(self.layers, states):
+                if layer.is_initialized:
+                    layer.restore(*state)
+            return self
+
+        return restore
 
 
 def duo_kv_bytes(plans: Sequence[HeadPlan], head_dim: int, num_tokens: int, dtype_bytes: int,
-                 batch_size: int = 1) -> int:
+                 batch_size: int = 1, streaming_only: bool = False) -> int:
     """Exact bytes a `DuoCache` holds after `num_tokens` tokens (docs/duoattention.md, "KV memory"):
-    2·D·b·B·Σ_layers(n_retrieval·T + n_streaming·min(T, sink + recent))."""
-    heads_x_tokens = sum(len(plan.retrieval_heads) * num_tokens
+    2·D·b·B·Σ_layers(n_retrieval·T + n_streaming·min(T, sink + recent)); the streaming term alone with
+    `streaming_only`."""
+    heads_x_tokens = sum(len(plan.retrieval_heads) * num_tokens * (not streaming_only)
                          + len(plan.streaming_heads) * min(num_tokens, plan.sink + plan.recent) for plan in plans)
     return 2 * head_dim * dtype_bytes * batch_size * heads_x_tokens

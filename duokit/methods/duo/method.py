@@ -76,7 +76,15 @@ class Duo(Method):
                                 modules=[layer.self_attn for layer in adapter.decoder_layers])
 
     def new_cache(self, lm: Any, prefix: Any) -> DuoCache:
-        return DuoCache(self.head_plans(lm.adapter.num_layers, lm.adapter.num_kv_heads))
+        plans = self.head_plans(lm.adapter.num_layers, lm.adapter.num_kv_heads)
+        # Without a prefix (generate on a whole prompt) the retrieval heads grow by what they need + the reserve.
+        capacity = 0 if prefix is None else prefix.num_tokens + lm.decode_reserve
+        return DuoCache(plans, capacity, lm.decode_reserve)
+
+    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
+        # The restorer keeps the prefilled streaming windows while a try replaces them.
+        plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
+        return duo_kv_bytes(plans, geometry.head_dim, prefix_tokens.total, geometry.dtype_bytes, streaming_only=True)
 
     def kv_bytes_of_layers(self, geometry: Any, per_layer: Sequence[int]) -> int:
         # Retrieval heads grow with every token; streaming heads stop at sink + recent. The peak is at the end.

@@ -1,0 +1,159 @@
+"""Decoding without copies: the preallocated cache, restoring the prefix per try, the memory planner.
+
+The exactness guards for these live elsewhere too (tests/test_engine.py: the engine's tokens equal
+`generate`; tests/test_method_conformance.py: every method at its identity equals the baseline); here:
+the preallocated cache holds and returns exactly what `DynamicCache` does, writes in place into one
+allocation, and the in-place restore gives every try exactly what a deepcopy gave it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pytest
+import torch
+from _tiny_models import tiny
+from transformers import DynamicCache
+
+from duokit.data.vnbench import official_prompt, permuted_options
+from duokit.engine import LM, SampleInput, Try, answer_tries
+from duokit.methods import get_method
+from duokit.methods.base import Method
+from duokit.methods.duo.pattern import save_pattern
+from duokit.methods.preallocated import PreallocatedCache, preallocated_cache
+from duokit.metrics import kv_cache_bytes, plan_memory
+from duokit.models.base import TokenCounts
+
+TRIES = [Try(official_prompt("What is the secret word?", options)) for options in
+         permuted_options(["Alice", "Bob", "Carol", "Dave"])]
+CONTEXT = "The secret word of the day is written on a red card. " * 3
+
+
+def feed(model, cache, ids, chunk):
+    outputs = []
+    for start in range(0, ids.shape[1], chunk):
+        outputs.append(model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(outputs, dim=1)
+
+
+def test_preallocated_cache_equals_dynamic_cache_and_appends_in_place():
+    model, _, adapter = tiny("llama")
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    dynamic, reserve = DynamicCache(config=model.config), 6
+    cache = preallocated_cache(adapter.text_config, 34, reserve)
+    assert isinstance(cache, PreallocatedCache)
+    with torch.no_grad():
+        assert torch.equal(feed(model, cache, ids[:, :34], 16), feed(model, dynamic, ids[:, :34], 16))
+        addresses = [layer.storage["keys"].data_ptr() for layer in cache.layers]
+        assert torch.equal(feed(model, cache, ids[:, 34:], 1), feed(model, dynamic, ids[:, 34:], 1))
+    assert [layer.storage["keys"].data_ptr() for layer in cache.layers] == addresses  # no reallocation
+    for layer, reference in zip(cache.layers, dynamic.layers):
+        assert torch.equal(layer.keys, reference.keys) and torch.equal(layer.values, reference.values)
+    # kv_cache_bytes counts the tokens held; the allocation is the prefix + the reserve, once.
+    assert kv_cache_bytes(cache) == kv_cache_bytes(dynamic)
+    per_token = kv_cache_bytes(cache) // 40
+    assert cache.reserved_bytes() == per_token * (34 + reserve)
+    assert cache.get_seq_length() == 40
+
+
+def test_an_append_beyond_the_allocation_reallocates_and_stays_exact():
+    model, _, adapter = tiny("llama")
+    ids = torch.randint(0, 200, (1, 30), generator=torch.Generator().manual_seed(1))
+    cache, dynamic = preallocated_cache(adapter.text_config, 8, 2), DynamicCache(config=model.config)
+    with torch.no_grad():
+        assert torch.equal(feed(model, cache, ids, 7), feed(model, dynamic, ids, 7))
+    # Chunks end at 7, 14, 21, 28, 30: the allocation of 8 + 2 grew at 14, 21 and 28 to the need + 2.
+    assert cache.get_seq_length() == 30 and cache.reserved_bytes() == kv_cache_bytes(cache)
+    with pytest.raises(ValueError, match="cannot truncate"):
+        cache.layers[0].truncate(31)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.layers[0].batch_repeat_interleave(2)
+
+
+@dataclass
+class CopyPerTry(Method):
+    """The old engine: every try decodes on a deepcopy of the prefilled cache."""
+
+    name = "test-copy-per-try"
+
+    def prefix_restorer(self, cache):
+        return lambda: copy.deepcopy(cache)
+
+
+def duo(tmp_path, sparsity, sink=2, recent=4):
+    _, _, adapter = tiny("qwen2_5_vl")
+    gates = np.random.default_rng(0).random((adapter.num_layers, adapter.num_kv_heads))
+    save_pattern(tmp_path / "pattern", gates, sink_size=sink, recent_size=recent)
+    return get_method("duo", pattern=str(tmp_path / "pattern"), sparsity=sparsity, sink=sink, recent=recent)
+
+
+def answers(family, method, copying):
+    model, _, adapter = tiny(family)
+    sample = (SampleInput(np.random.default_rng(0).integers(0, 256, (4, 96, 128, 3), dtype=np.uint8), 0.5)
+              if adapter.is_multimodal else SampleInput(None, None, CONTEXT))
+    if copying:  # the same method, its tries on deep copies
+        copying_class = type("Copying", (type(method),), {"prefix_restorer": CopyPerTry.prefix_restorer})
+        method = copying_class(**{field.name: getattr(method, field.name) for field in fields(method)})
+    with method.apply(model, adapter):
+        return answer_tries(LM(model, adapter), method, sample, TRIES, chunk_size=16, keep_logits=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llama"])
+@pytest.mark.parametrize("sparsity", [None, 0.5, 0.75])
+def test_restoring_the_prefix_in_place_equals_a_copy_per_try(family, sparsity, tmp_path):
+    method = get_method("baseline") if sparsity is None else duo(tmp_path, sparsity)
+    restored, copied = answers(family, method, False), answers(family, method, True)
+    for got, want in zip(restored.answers, copied.answers, strict=True):
+        assert got.tokens == want.tokens and torch.equal(got.logits, want.logits)
+    assert len({tuple(a.tokens) for a in restored.answers}) > 1  # the tries differ, so a leak would show
+    assert restored.cost["kv_bytes_peak"] == copied.cost["kv_bytes_peak"] == restored.cost["kv_bytes_planned"]
+
+
+def test_duo_restorer_keeps_the_prefilled_streaming_window(tmp_path):
+    """sink 2 + recent 4: every try's suffix evicts the prefix's window, and the next try gets it back."""
+    method = duo(tmp_path, 0.5)
+    model, _, adapter = tiny("llama")
+    lm = LM(model, adapter)
+    with method.apply(model, adapter):
+        prefix = method.prepare_prefix(lm.embed(SampleInput(None, None, CONTEXT)), None, lm)
+        cache = method.prefill(lm, prefix, method.new_cache(lm, prefix), 16)
+        windows = [(layer.streaming_keys.clone(), layer.keys.clone()) for layer in cache.layers]
+        restore = method.prefix_restorer(cache)
+        suffix = adapter.suffix_ids(TRIES[0].prompt, False, CONTEXT)
+        lm.forward(restore(), adapter.positions(prefix.next_position, suffix.shape[1]), input_ids=suffix)
+        mixed = next(i for i, layer in enumerate(cache.layers) if layer.plan.streaming_heads)
+        assert not torch.equal(cache.layers[mixed].streaming_keys, windows[mixed][0])  # the suffix evicted it
+        restore()
+    for layer, (streaming, retrieval) in zip(cache.layers, windows):
+        assert torch.equal(layer.streaming_keys, streaming) and torch.equal(layer.keys, retrieval)
+        assert layer.get_seq_length() == prefix.num_tokens
+    geometry = adapter.geometry
+    streaming_heads = sum(len(layer.plan.streaming_heads) for layer in cache.layers)
+    assert method.estimate_restore_kv_bytes(geometry, TokenCounts(prefix.num_tokens)) == (
+        2 * streaming_heads * (2 + 4) * geometry.head_dim * geometry.dtype_bytes)
+
+
+def test_planner_counts_one_cache_and_what_restoring_keeps(tmp_path):
+    model, _, adapter = tiny("qwen2_5_vl")
+    method = duo(tmp_path, 0.5)
+    plan = plan_memory(model, adapter, method, 4, 96, 128, suffix_tokens=50, max_new_tokens=5)
+    text = plan.prefix_tokens - plan.video_tokens
+    grids = adapter.video_grids(adapter.build_prefix(np.zeros((4, 96, 128, 3), dtype=np.uint8), fps=1.0))
+    held = TokenCounts(text + 55, plan.video_tokens, grids)
+    prefix = TokenCounts(text, plan.video_tokens, grids)
+    geometry = adapter.geometry
+    assert plan.kv_bytes == (method.estimate_kv_bytes(geometry, held)
+                             + method.estimate_restore_kv_bytes(geometry, prefix)) > 0
+
+    class Copying(CopyPerTry):
+        name = "test-copying-planned"
+
+        def estimate_restore_kv_bytes(self, geometry, prefix_tokens):
+            return self.estimate_kv_bytes(geometry, prefix_tokens)
+
+    copying = plan_memory(model, adapter, Copying(), 4, 96, 128, suffix_tokens=50, max_new_tokens=5)
+    baseline = get_method("baseline")
+    assert copying.kv_bytes == (baseline.estimate_kv_bytes(geometry, held)
+                                + baseline.estimate_kv_bytes(geometry, prefix))
