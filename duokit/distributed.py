@@ -87,6 +87,11 @@ class World:
 
             PartialState().wait_for_everyone()
 
+    def alone(self) -> World:
+        """This process by itself, on its device: for work given whole to one rank (a `duokit ablate`
+        cell spread by `share`), which must not wait for the other ranks."""
+        return World(device=self.device)
+
     def share(self, items: Sequence, costs: Sequence[float]) -> list:
         """This rank's items under `split_by_cost`, in the order of `items`."""
         if len(items) != len(costs):

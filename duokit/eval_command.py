@@ -231,11 +231,13 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
              device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
-             min_pixels: int | None = None, attn_implementation: str = "auto") -> dict:
+             min_pixels: int | None = None, attn_implementation: str = "auto", world: Any = None) -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
     settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
-    `duokit.models.load_vlm`).
+    `duokit.models.load_vlm`). `world` (a `duokit.distributed.World`; default: this process's, from
+    `accelerate launch`) decides who does which samples: `current_world().alone()` runs the whole run in
+    this process of a launched job (`duokit ablate` spreading whole cells over the processes).
 
     Everything that can be checked is checked before RUN/config.json is written: the arguments, an
     existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
@@ -265,8 +267,8 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
     # Under `accelerate launch` with N > 1 processes each takes a share of the samples (docs/scaling.md).
-    world = current_world(cpu=device == "cpu")
-    if world.size > 1 and device in ("auto", "cuda"):
+    world = current_world(cpu=device == "cpu") if world is None else world
+    if world.device is not None and device in ("auto", "cuda"):
         device = world.device  # one device per process
     # The run records what "auto" resolves to here, so a resume on a GPU of another precision is refused.
     device, dtype = resolve_precision(model_name, dtype, device)

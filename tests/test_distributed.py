@@ -27,6 +27,7 @@ from duokit.distributed import (
     shard_paths,
     split_by_cost,
 )
+from duokit.eval_command import run_eval
 from duokit.io import iter_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,3 +260,21 @@ def test_a_single_process_run_resumes_under_two_processes(dataset, tmp_path):
     assert samples_per_rank(result.stderr) == [(0, 1, 2), (1, 1, 2)]
     assert_same_run(run, reference)
     assert set(kept) <= set((run / "predictions.jsonl").read_text().splitlines(keepends=True))
+
+
+def test_a_process_of_a_launched_job_can_run_a_whole_run_alone(dataset, tmp_path, monkeypatch):
+    """What `duokit ablate` does with a cell it was given whole: `world.alone()` runs it in this process,
+    never waiting for the other ranks (here there are none: joining the group would fail at once)."""
+    annotations, videos, reference = dataset
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    lines = (run / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (run / "predictions.jsonl").write_text("".join(lines[4:]))  # h0 to redo
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    summary = run_eval(annotations, videos, 4, run, model="tiny:qwen2_5_vl", chunk_size=32, device="cpu",
+                       world=World(rank=1, size=2, device="cpu").alone())
+    assert shard_paths(run) == []
+    assert summary == json.loads((run / "summary.json").read_text())
+    assert [deterministic(r) for r in iter_jsonl(run / "predictions.jsonl")][12:] == [
+        deterministic(r) for r in iter_jsonl(reference / "predictions.jsonl")][:4]
