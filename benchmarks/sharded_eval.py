@@ -4,8 +4,10 @@ A synthetic VNBench-schema set (random-frame videos, 4 tries per sample) is eval
 fresh run directory per run, the configurations alternating so that load drift hits both; every sharded
 run is checked to give the single-process records (timings aside). Wall time includes each process's
 start (torch import, model load), as a user waits for it.
-Run: `python benchmarks/sharded_eval.py [--samples 32] [--frames 8] [--processes 1,2] [--repeats 3]`.
-N > 1 uses `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on CPU, see docs/scaling.md).
+Run: `python benchmarks/sharded_eval.py [--samples 32] [--frames 8] [--processes 1,2] [--repeats 3]
+[--threads T]`. N > 1 uses `accelerate launch --multi_gpu --num_processes N` (torchrun; gloo on CPU, see
+docs/scaling.md), which gives each process 1 CPU thread by default while a plain process takes one per
+core: `--threads T` gives every process of both T threads, to compare like with like.
 """
 
 from __future__ import annotations
@@ -49,15 +51,16 @@ def write_set(root: Path, samples: int, size: int) -> tuple[Path, Path]:
     return annotations, videos
 
 
-def command(processes: int, eval_args: list[str]) -> list[str]:
+def command(processes: int, eval_args: list[str], threads: int | None) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "duokit", *eval_args]
+    per_process = [] if threads is None else ["--num_cpu_threads_per_process", str(threads)]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
             "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "duokit", *eval_args]
+            "--dynamo_backend", "no", "--main_process_port", str(port), *per_process, "-m", "duokit", *eval_args]
 
 
 def answers(run: Path) -> list[tuple]:
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of every process")
     args = parser.parse_args()
     counts = [int(n) for n in args.processes.split(",")]
 
@@ -88,15 +92,17 @@ def main() -> None:
                 eval_args = ["eval", "--model", args.model, "--annotations", str(annotations), "--videos",
                              str(videos), "--frames", str(args.frames), "--out", str(run), "--device", args.device]
                 started = time.perf_counter()
-                subprocess.run(command(n, eval_args), check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                env = os.environ if args.threads is None else {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                subprocess.run(command(n, eval_args, args.threads), check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
                 walls[n].append(time.perf_counter() - started)
                 reference = reference or answers(run)
                 if answers(run) != reference:
                     raise SystemExit(f"{n} processes gave other answers than the first run")
                 print(f"repeat {repeat}: {n} process(es) {walls[n][-1]:.1f} s", flush=True)
         print(f"\n{args.samples} samples x 4 tries, {args.model}, {args.frames} frames of {args.size} px, "
-              f"device {args.device}, {os.cpu_count()} CPUs")
+              f"device {args.device}, {os.cpu_count()} CPUs, threads per process: "
+              f"{args.threads or 'launcher default (plain: one per core; accelerate: 1)'}")
         base = min(walls[counts[0]])
         for n in counts:
             best, median = min(walls[n]), statistics.median(walls[n])
