@@ -155,9 +155,14 @@ def largest_frame_size(samples: list, videos: str | Path,
 def predicted_costs(samples: list, sizes: dict[str, tuple[int, int]], plan_tokens: Any) -> list[float]:
     """Each sample's predicted cost for sharding (docs/scaling.md): the planner's prefix token count at
     its video's frame size (`plan_tokens(height, width)`, asked once per size), which drives the vision
-    tower, the prefill and every try's attention; 0 for an unreadable video (it is an error at once)."""
+    tower, the prefill and every try's attention, plus the video's duration as a fraction of the
+    longest (at most 1 token): among equal token counts (most of VNBench, whose frames are capped at the
+    same pixels) the longer videos, slower to decode when the decoder reads up to the last sampled frame
+    (PyAV), are spread first. 0 for an unreadable video (it is an error at once)."""
     tokens = {size: plan_tokens(*size) for size in sorted(set(sizes.values()))}
-    return [float(tokens[sizes[s.video_name]]) if s.video_name in sizes else 0.0 for s in samples]
+    longest = max((s.tries[0].length for s in samples), default=0.0)
+    return [tokens[sizes[s.video_name]] + (s.tries[0].length / longest if longest > 0 else 0.0)
+            if s.video_name in sizes else 0.0 for s in samples]
 
 
 def summarize_cost(records: list[dict]) -> dict:

@@ -278,3 +278,28 @@ def test_a_process_of_a_launched_job_can_run_a_whole_run_alone(dataset, tmp_path
     assert summary == json.loads((run / "summary.json").read_text())
     assert [deterministic(r) for r in iter_jsonl(run / "predictions.jsonl")][12:] == [
         deterministic(r) for r in iter_jsonl(reference / "predictions.jsonl")][:4]
+
+
+def test_predicted_costs_rank_by_tokens_then_duration():
+    """Tokens from the planner once per frame size; the duration only orders equal token counts."""
+    from types import SimpleNamespace
+
+    from duokit.eval_command import predicted_costs
+
+    def sample(video, length):
+        return SimpleNamespace(video_name=video, tries=(SimpleNamespace(length=length),))
+
+    samples = [sample("a", 30.0), sample("b", 120.0), sample("c", 60.0), sample("gone", 180.0), sample("d", 10.0)]
+    sizes = {"a": (360, 640), "b": (360, 640), "c": (360, 640), "d": (720, 1280)}
+    asked = []
+
+    def plan_tokens(height, width):
+        asked.append((height, width))
+        return height * width // 1000
+
+    costs = predicted_costs(samples, sizes, plan_tokens)
+    assert asked == [(360, 640), (720, 1280)]
+    assert costs == [230 + 30 / 180, 230 + 120 / 180, 230 + 60 / 180, 0.0, 921 + 10 / 180]
+    # The big-frame video balances the three others; among equal tokens the longest goes first.
+    assert split_by_cost(costs, 2) == [[4], [0, 1, 2, 3]]
+    assert split_by_cost(costs[:3], 2) == [[1], [0, 2]]  # 120 s alone, 30 + 60 s together
