@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One launch loads torch and the tiny model in each process: ~40 s on a loaded 2-core machine. A hung
 # process group must fail the test, never the suite.
 LAUNCH_TIMEOUT = 300
+LAUNCH_MARKER = "DUOKIT_TEST_LAUNCH"
 # What a launcher sets; a test run inside a launched job must not leak them into the launches.
 LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "ACCELERATE_USE_CPU")
@@ -160,15 +161,33 @@ def launch(args: list[str], processes: int, **env: str) -> subprocess.CompletedP
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "duokit", *args]
+    marker = f"{os.getpid()}-{free_port()}"
+    environment[LAUNCH_MARKER] = marker  # inherited by every rank, to find them if the launch hangs
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = process.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+        stop_launch(process, marker)
         out, err = process.communicate()
         pytest.fail(f"accelerate launch hung for {LAUNCH_TIMEOUT} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def stop_launch(process: subprocess.Popen, marker: str) -> None:
+    """Stop a hung launch: SIGTERM makes torchrun stop its ranks; ranks that survive it (torchrun starts
+    each in its own session, out of reach of the launcher's process group) are found by the marker."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{LAUNCH_MARKER}={marker}".encode() in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or not ours to read
 
 
 def cpu_eval_args(annotations, videos, run) -> list[str]:
