@@ -125,8 +125,9 @@ def current_world(cpu: bool = False) -> World:
 
 
 def is_main_process() -> bool:
-    """Whether this is rank 0 (after `current_world`, which sets $RANK on MPI launches too)."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    """Whether this is rank 0 or a plain process (after `current_world`, which sets $RANK on MPI launches
+    too)."""
+    return launched_world_size() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:

@@ -322,3 +322,16 @@ def test_predicted_costs_rank_by_tokens_then_duration():
     # The big-frame video balances the three others; among equal tokens the longest goes first.
     assert split_by_cost(costs, 2) == [[4], [0, 1, 2, 3]]
     assert split_by_cost(costs[:3], 2) == [[1], [0, 2]]  # 120 s alone, 30 + 60 s together
+
+
+def test_only_rank_0_of_a_launch_reports(monkeypatch):
+    from duokit.distributed import is_main_process
+
+    for name in LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "3")  # set by something else: a plain process still reports
+    assert is_main_process()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert not is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
