@@ -4,6 +4,10 @@ VNBench into a resumable run directory.
 RUN/config.json       the full configuration, versions included; a re-run must match it
 RUN/predictions.jsonl one duokit prediction record per try, appended as produced (resumable)
 RUN/summary.json      {"scores": <scorer JSON>, "cost": {...}, "config": {...}}
+
+Under `accelerate launch` with N > 1 processes, each process appends its share of the samples to
+RUN/predictions.rank{R}-of-{N}.jsonl, and the main process merges them into predictions.jsonl
+(duokit.distributed, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -124,20 +128,41 @@ def check_config(out: Path, config: dict) -> dict:
     return config
 
 
-def largest_frame_size(samples: list, videos: str | Path) -> tuple[int, int]:
-    """(height, width) of the largest frames (by pixel count) among the samples' readable videos, from
-    their headers, for the memory planner (its default if none is readable)."""
+def frame_sizes(samples: list, videos: str | Path) -> dict[str, tuple[int, int]]:
+    """{video name: (height, width)} of the samples' readable videos, from their headers."""
     from duokit.data.video import VideoError, frame_size
     from duokit.data.vnbench import resolve_video
-    from duokit.metrics import DEFAULT_FRAME_SIZE
 
-    sizes = []
+    sizes = {}
     for name in sorted({sample.video_name for sample in samples}):
         try:
-            sizes.append(frame_size(resolve_video(name, videos)))
+            sizes[name] = frame_size(resolve_video(name, videos))
         except (VideoError, OSError):
             continue  # the sample is recorded as an error when it is evaluated
-    return max(sizes, key=lambda size: size[0] * size[1], default=DEFAULT_FRAME_SIZE)
+    return sizes
+
+
+def largest_frame_size(samples: list, videos: str | Path,
+                       sizes: dict[str, tuple[int, int]] | None = None) -> tuple[int, int]:
+    """(height, width) of the largest frames (by pixel count) among the samples' readable videos, from
+    their headers (or `sizes`, from `frame_sizes`), for the memory planner (its default if none is readable)."""
+    from duokit.metrics import DEFAULT_FRAME_SIZE
+
+    sizes = frame_sizes(samples, videos) if sizes is None else sizes
+    return max(sizes.values(), key=lambda size: size[0] * size[1], default=DEFAULT_FRAME_SIZE)
+
+
+def predicted_costs(samples: list, sizes: dict[str, tuple[int, int]], plan_tokens: Any) -> list[float]:
+    """Each sample's predicted cost for sharding (docs/scaling.md): the planner's prefix token count at
+    its video's frame size (`plan_tokens(height, width)`, asked once per size), which drives the vision
+    tower, the prefill and every try's attention, plus the video's duration as a fraction of the
+    longest (at most 1 token): among equal token counts (most of VNBench, whose frames are capped at the
+    same pixels) the longer videos, slower to decode when the decoder reads up to the last sampled frame
+    (PyAV), are spread first. 0 for an unreadable video (it is an error at once)."""
+    tokens = {size: plan_tokens(*size) for size in sorted(set(sizes.values()))}
+    longest = max((s.tries[0].length for s in samples), default=0.0)
+    return [tokens[sizes[s.video_name]] + (s.tries[0].length / longest if longest > 0 else 0.0)
+            if s.video_name in sizes else 0.0 for s in samples]
 
 
 def summarize_cost(records: list[dict]) -> dict:
@@ -211,11 +236,13 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
              device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
-             min_pixels: int | None = None, attn_implementation: str = "auto") -> dict:
+             min_pixels: int | None = None, attn_implementation: str = "auto", world: Any = None) -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
     settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
-    `duokit.models.load_vlm`).
+    `duokit.models.load_vlm`). `world` (a `duokit.distributed.World`; default: this process's, from
+    `accelerate launch`) decides who does which samples: `current_world().alone()` runs the whole run in
+    this process of a launched job (`duokit ablate` spreading whole cells over the processes).
 
     Everything that can be checked is checked before RUN/config.json is written: the arguments, an
     existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
@@ -223,6 +250,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     from tqdm.auto import tqdm
 
     from duokit.data.scoring import PARSERS, score_predictions
+    from duokit.distributed import current_world, merge_shards, shard_path
     from duokit.engine import DEFAULT_CHUNK_SIZE, LM, MAX_NEW_TOKENS
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
@@ -243,6 +271,10 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
+    # Under `accelerate launch` with N > 1 processes each takes a share of the samples (docs/scaling.md).
+    world = current_world(cpu=device == "cpu") if world is None else world
+    if world.device is not None and device in ("auto", "cuda"):
+        device = world.device  # one device per process
     # The run records what "auto" resolves to here, so a resume on a GPU of another precision is refused.
     device, dtype = resolve_precision(model_name, dtype, device)
     attn_implementation = pick_attn_implementation(device, dtype, attn_implementation)
@@ -257,35 +289,63 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         "attn_implementation": attn_implementation,
         "samples": [sample.sample_id for sample in samples], "versions": versions(),
     })
+    order = [record.record_id for sample in samples for record in sample.tries]
+    # Shards left by a killed sharded run (any N) count as done: fold them in before anyone reads the log.
+    if world.is_main and merge_shards(out, order):
+        print(f"{out}: merged the prediction shards of an interrupted sharded run", file=sys.stderr)
+    world.barrier()
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
     todo = [s for s in samples if any(record.record_id not in log for record in s.tries)]
 
     if not todo:
-        atomic_write_json(out / "config.json", config)
+        if world.is_main:
+            atomic_write_json(out / "config.json", config)
     else:
         vlm, _, adapter = load_vlm(model_name, dtype=dtype, device=device, max_pixels=max_pixels,
                                    min_pixels=min_pixels, attn_implementation=attn_implementation)
         # Entering `apply` checks the method against the model, so a bad method leaves no run directory.
         with method_instance.apply(vlm, adapter):
-            atomic_write_json(out / "config.json", config)
-            height, width = largest_frame_size(todo, videos)
-            plan = plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size,
-                               max_new_tokens=max_new_tokens)
-            print(plan.describe(), file=sys.stderr)
-            warn_if_too_big(plan)
-            bar = tqdm(todo, desc="eval", unit="sample", initial=len(samples) - len(todo), total=len(samples))
+            if world.is_main:
+                atomic_write_json(out / "config.json", config)
+            sizes = frame_sizes(todo, videos)
+
+            def plan(height, width):
+                return plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size,
+                                   max_new_tokens=max_new_tokens)
+
+            largest = plan(*largest_frame_size(todo, videos, sizes))
+            if world.is_main:
+                print(largest.describe(), file=sys.stderr)
+                warn_if_too_big(largest)
+            mine, shard = todo, log
+            if world.size > 1:
+                mine = world.share(todo, predicted_costs(todo, sizes, lambda h, w: plan(h, w).prefix_tokens))
+                shard = JsonlLog(shard_path(out, world.rank, world.size), key="record_id")
+                print(f"rank {world.rank}/{world.size} on {device}: {len(mine)} of {len(todo)} samples",
+                      file=sys.stderr)
+            initial = len(samples) - len(todo) if world.size == 1 else 0
+            bar = tqdm(mine, desc="eval", unit="sample", initial=initial, total=initial + len(mine),
+                       disable=not world.is_main)
             lm = LM(vlm, adapter)
-            for sample in bar:
+            for count, sample in enumerate(bar, start=1):
                 records = evaluate_sample(lm, method_instance, sample, videos, frames, parser, chunk_size,
                                           max_new_tokens, skip=log.done)
                 for record in records:
-                    log.append(record)
-                correct = sum(r["correct"] for r in log.records)
-                bar.set_postfix(acc_1try=f"{correct / len(log.records):.3f}")
-    wanted = {record.record_id for sample in samples for record in sample.tries}
+                    shard.append(record)
+                correct = sum(r["correct"] for r in shard.records)
+                bar.set_postfix(acc_1try=f"{correct / len(shard.records):.3f}")
+                world.kill_point(count)
+    if world.size > 1:
+        world.barrier()  # every shard complete
+        if world.is_main:
+            merge_shards(out, order)
+        world.barrier()
+        log = JsonlLog(out / "predictions.jsonl", key="record_id")
+    wanted = set(order)
     records = [r for r in log.records if r["record_id"] in wanted]
     summary = {"scores": score_predictions(records), "cost": summarize_cost(records), "config": config}
-    atomic_write_json(out / "summary.json", summary)
+    if world.is_main:
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -301,6 +361,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1
+    from duokit.distributed import is_main_process
+
+    if not is_main_process():  # under `accelerate launch` the main process reports for all
+        return 0
     scores = summary["scores"]
     print(f"{args.out}: Overall {100 * scores['overall']:.1f}% (4-try), {100 * scores['overall_1try']:.1f}% "
           f"(1-try) on {scores['n_samples']} samples")
