@@ -181,3 +181,171 @@ def plot_coverage(budgets: list[int], shares: list[float], path: Path) -> Path:
     axes.set_ylim(0, 1.05)
     axes.set_title("Needle coverage bounds accuracy")
     return save_png(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations (`duokit ablate`, notebook 04): one row per cell, with the budget asked and achieved.
+
+ABLATION_COLUMNS = ("row", "cell", "method", "budget_asked", "budget_achieved_kv", "budget_achieved_tokens",
+                    "overall", "overall_1try", "ret", "ord", "cnt", "kv_bytes", "kv_bytes_peak",
+                    "peak_growth_bytes_median", "prefill_s", "decode_s_per_token", "video_tokens",
+                    "visual_token_layers", "prefill_flops", "n_samples", "n_errors", "frames", "fps_first_video",
+                    "pixels_per_frame", "input_video_tokens")
+ABLATION_TABLE = (("row", "row"), ("cell", "cell"), ("asked", "budget_asked"), ("KV ach.", "budget_achieved_kv"),
+                  ("tok ach.", "budget_achieved_tokens"), ("4-try %", "overall"), ("1-try %", "overall_1try"),
+                  ("ret %", "ret"), ("ord %", "ord"), ("cnt %", "cnt"), ("KV peak MiB", "kv_bytes_peak"),
+                  ("prefill s", "prefill_s"), ("video tok", "video_tokens"), ("frames", "frames"),
+                  ("errors", "n_errors"))
+ABLATION_PLOTS = {"accuracy_kv": "accuracy vs KV memory (Pareto front)", "accuracy_prefill": "accuracy vs prefill time",
+                  "families": "accuracy per task family", "accuracy_budget": "accuracy vs budget per method"}
+
+
+def ablation_row(eval_dir: str | Path, cell: Any, achieved: dict[str, float], preprocessing: dict) -> dict:
+    """A cell's row: `eval_row`'s numbers plus the budget asked and achieved, the prefill FLOPs, the
+    visual-token-layers and the cell's preprocessing record."""
+    from duokit.data.vnbench import SUBTASKS
+
+    cost = read_json(Path(eval_dir) / "summary.json")["cost"]
+    row = eval_row(eval_dir, f"{cell.row}/{cell.name}", settings=read_json(Path(eval_dir) / "config.json")["method"])
+    flat = {
+        "row": cell.row, "cell": cell.name, "method": cell.method, "budget_asked": cell.budget,
+        "budget_achieved_kv": achieved["kv"], "budget_achieved_tokens": achieved["tokens"],
+        **{family: row["families"].get(family) for family in ("ret", "ord", "cnt")},
+        **{f"subtask_{name}": row["subtasks"].get(name) for name in SUBTASKS},
+        "kv_bytes_peak": cost["kv_bytes_peak"], "video_tokens": cost["video_tokens"],
+        "input_video_tokens": cost["input_video_tokens"], "visual_token_layers": cost["visual_token_layers"],
+        "prefill_flops": cost.get("attention_flops", 0) + cost.get("mlp_flops", 0),
+        **preprocessing,
+    }
+    return {**row, **flat, "method": cell.method, "preprocessing": preprocessing}
+
+
+def _cell_text(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key in ("overall", "overall_1try", "ret", "ord", "cnt"):
+        return _percent(value)
+    if key.startswith("budget"):
+        return f"{value:.2f}"
+    if key in ("kv_bytes", "kv_bytes_peak"):
+        return f"{value / MIB:.4f}"
+    if key == "prefill_s":
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def ablation_text_table(rows: list[dict]) -> str:
+    lines = [[title for title, _ in ABLATION_TABLE]] + [[_cell_text(row.get(key), key) for _, key in ABLATION_TABLE]
+                                                         for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(ABLATION_TABLE))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in lines)
+
+
+def ablation_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(ABLATION_COLUMNS) + sorted({k for row in rows for k in row if k.startswith("subtask_")})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def ablation_markdown(title: str, intro: str, rows: list[dict]) -> str:
+    header = "| " + " | ".join(title for title, _ in ABLATION_TABLE) + " |\n|" + "---|" * len(ABLATION_TABLE) + "\n"
+    body = "".join("| " + " | ".join(_cell_text(row.get(key), key) for _, key in ABLATION_TABLE) + " |\n"
+                   for row in rows)
+    plots = "".join(f"![{alt}](plots/{name}.png)\n" for name, alt in ABLATION_PLOTS.items())
+    return f"# {title}\n\n{intro}\n\n{header}{body}\n{plots}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (less or equal x and more or equal y, one strictly)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)]
+
+
+def _colors(rows: list[dict]) -> dict[str, str]:
+    return {name: f"C{k % 10}" for k, name in enumerate(dict.fromkeys(row["row"] for row in rows))}
+
+
+def _scatter(rows: list[dict], key: str, scale: float, xlabel: str, title: str, path: Path, front: bool) -> Path:
+    figure = new_figure(6.5, 4)
+    axes = figure.add_subplot()
+    colors = _colors(rows)
+    points = [(row[key] * scale, 100 * row["overall"]) for row in rows]
+    for name, color in colors.items():
+        mine = [p for p, row in zip(points, rows) if row["row"] == name]
+        axes.scatter([x for x, _ in mine], [y for _, y in mine], color=color, label=name)
+    if front:
+        best = sorted(points[i] for i in pareto_front(points))
+        axes.plot([x for x, _ in best], [y for _, y in best], "k--", linewidth=1, label="Pareto front")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("Overall 4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title(title)
+    return save_png(figure, path)
+
+
+def plot_ablation_kv(rows: list[dict], path: Path) -> Path:
+    return _scatter(rows, "kv_bytes_peak", 1 / MIB, "KV cache at peak, MiB per sample", "Accuracy vs KV memory",
+                    path, front=True)
+
+
+def plot_ablation_prefill(rows: list[dict], path: Path) -> Path:
+    return _scatter(rows, "prefill_s", 1.0, "prefill s per sample", "Accuracy vs prefill time", path, front=True)
+
+
+def plot_ablation_families(rows: list[dict], path: Path) -> Path:
+    import numpy as np
+
+    figure = new_figure(max(6.0, 0.45 * len(rows) + 2), 3.5)
+    axes = figure.add_subplot()
+    x, width = np.arange(len(rows)), 0.27
+    for k, (family, label) in enumerate((("ret", "retrieval"), ("ord", "ordering"), ("cnt", "counting"))):
+        axes.bar(x + (k - 1) * width, [100 * (row.get(family) or 0.0) for row in rows], width, label=label)
+    axes.set_xticks(x, [row["label"] for row in rows], rotation=60, ha="right", fontsize=7)
+    axes.set_ylabel("4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7)
+    axes.set_title("Accuracy per task family")
+    return save_png(figure, path)
+
+
+def plot_ablation_budget(rows: list[dict], path: Path) -> Path:
+    figure = new_figure(6.5, 4)
+    axes = figure.add_subplot()
+    for name, color in _colors(rows).items():
+        mine = sorted((row["budget_achieved_kv"], 100 * row["overall"]) for row in rows if row["row"] == name)
+        axes.plot([x for x, _ in mine], [y for _, y in mine], marker="o", color=color, label=name)
+    axes.set_xlabel("achieved budget (retained visual-KV fraction, measured)")
+    axes.set_ylabel("Overall 4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title("Accuracy vs budget per method")
+    return save_png(figure, path)
+
+
+ABLATION_PLOTTERS = {"accuracy_kv": plot_ablation_kv, "accuracy_prefill": plot_ablation_prefill,
+                     "families": plot_ablation_families, "accuracy_budget": plot_ablation_budget}
+
+
+def write_ablation_report(folder: str | Path, title: str, intro: str, rows: list[dict],
+                          extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """FOLDER/results.csv (one line per cell), results.json ({**extra, "cells": rows}), results.md and
+    plots/*.png; returns their paths by name."""
+    if not rows:
+        raise ValueError("an ablation report needs at least one finished cell")
+    folder = Path(folder)
+    paths = {"results.csv": atomic_write_text(folder / "results.csv", ablation_csv(rows)),
+             "results.json": atomic_write_json(folder / "results.json", {**(extra or {}), "cells": rows}),
+             "results.md": atomic_write_text(folder / "results.md", ablation_markdown(title, intro, rows))}
+    for name, plot in ABLATION_PLOTTERS.items():
+        paths[name] = plot(rows, folder / "plots" / f"{name}.png")
+    return paths
