@@ -273,3 +273,40 @@ def _defines(cls: type) -> set[str]:
     from duokit.methods.base import Method
 
     return {name for klass in cls.__mro__ if klass is not Method for name in vars(klass)}
+
+
+def standard_config(model: str, data: dict[str, Any], frames: int, per_task: int | None, budgets: list[float],
+                    methods: list[str], pattern: str, sink: int, recent: int, llavolta_layer: int = 2,
+                    controls: bool = True, optional: bool = False, prepare: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
+    """The comparison notebook 04 runs, as a config mapping: the baseline, each of `methods` at `budgets`
+    (duo with `pattern` — a directory or "@duo_gates" — and the window sink + recent; llavolta pooling at
+    `llavolta_layer`, K = 2 as LLaVolta's heavy setting), llavolta + duo
+    composed, and with `controls` the token-matched baselines, random dropping and each method's random
+    variant. `optional` marks the method rows optional (skipped where a method is not registered)."""
+    duo = {"pattern": pattern, "sink": sink, "recent": recent}
+    own = {"duo": duo, "llavolta": {"layer": llavolta_layer}}
+    random_variants = {"duo": ("duo_random_heads", duo, {"random_heads": [0, 1, 2]}),
+                       "flex": ("flex_random", {"selection": "random"}, {"seed": [0, 1]}),
+                       "llamb": ("llamb_uniform", {"segmentation": "uniform"}, None)}
+    extra = {"optional": True} if optional else {}
+    rows: list[dict[str, Any]] = [{"name": "baseline", "method": "baseline"}]
+    for method in methods:
+        rows.append({"name": method, "method": method, "settings": own.get(method, {}),
+                     "budgets": list(budgets), **extra})
+    if {"duo", "llavolta"} <= set(methods):
+        parts = (f"llavolta(layer={llavolta_layer},stride=2) + "
+                 f"duo(pattern={pattern},sparsity=0.5,sink={sink},recent={recent})")
+        rows.append({"name": "llavolta_duo", "method": "compose", "settings": {"parts": parts}})
+    if controls:
+        rows.append({"name": "fewer_frames", "method": "baseline", "scale": "frames", "budgets": list(budgets)})
+        if model != "needlenet":  # NeedleNet fits every frame to 56x56: fewer pixels would change nothing
+            rows.append({"name": "lower_resolution", "method": "baseline", "scale": "resolution",
+                         "budgets": list(budgets)})
+        rows.append({"name": "random_drop", "method": "random_drop", "budgets": list(budgets)})
+        for method in methods:
+            if method in random_variants:
+                name, settings, draws = random_variants[method]
+                rows.append({"name": name, "method": method, "settings": settings, "budgets": list(budgets[:1]),
+                             **({"draws": draws} if draws else {}), **extra})
+    return {"model": model, "data": data, "frames": frames, "per_task": per_task, **top,
+            **({"prepare": prepare} if prepare else {}), "rows": rows}

@@ -187,17 +187,28 @@ def plot_coverage(budgets: list[int], shares: list[float], path: Path) -> Path:
 # Ablations (`duokit ablate`, notebook 04): one row per cell, with the budget asked and achieved.
 
 ABLATION_COLUMNS = ("row", "cell", "method", "budget_asked", "budget_achieved_kv", "budget_achieved_tokens",
-                    "overall", "overall_1try", "ret", "ord", "cnt", "kv_bytes", "kv_bytes_peak",
+                    "overall", "overall_ci_low", "overall_ci_high", "overall_1try", "ret", "ord", "cnt", "kv_bytes", "kv_bytes_peak",
                     "peak_growth_bytes_median", "prefill_s", "decode_s_per_token", "video_tokens",
                     "visual_token_layers", "prefill_flops", "n_samples", "n_errors", "frames", "fps_first_video",
                     "pixels_per_frame", "input_video_tokens")
 ABLATION_TABLE = (("row", "row"), ("cell", "cell"), ("asked", "budget_asked"), ("KV ach.", "budget_achieved_kv"),
-                  ("tok ach.", "budget_achieved_tokens"), ("4-try %", "overall"), ("1-try %", "overall_1try"),
+                  ("tok ach.", "budget_achieved_tokens"), ("4-try %", "overall"), ("95% CI", "overall_ci"),
+                  ("1-try %", "overall_1try"),
                   ("ret %", "ret"), ("ord %", "ord"), ("cnt %", "cnt"), ("KV peak MiB", "kv_bytes_peak"),
                   ("prefill s", "prefill_s"), ("video tok", "video_tokens"), ("frames", "frames"),
                   ("errors", "n_errors"))
 ABLATION_PLOTS = {"accuracy_kv": "accuracy vs KV memory (Pareto front)", "accuracy_prefill": "accuracy vs prefill time",
                   "families": "accuracy per task family", "accuracy_budget": "accuracy vs budget per method"}
+
+
+def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion `share` measured on `n` samples: the
+    sampling noise of an accuracy (Wilson, JASA 1927; good at small n and near 0 or 1)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def ablation_row(eval_dir: str | Path, cell: Any, achieved: dict[str, float], preprocessing: dict) -> dict:
@@ -210,6 +221,7 @@ def ablation_row(eval_dir: str | Path, cell: Any, achieved: dict[str, float], pr
     flat = {
         "row": cell.row, "cell": cell.name, "method": cell.method, "budget_asked": cell.budget,
         "budget_achieved_kv": achieved["kv"], "budget_achieved_tokens": achieved["tokens"],
+        **dict(zip(("overall_ci_low", "overall_ci_high"), wilson_interval(row["overall"], row["n_samples"]))),
         **{family: row["families"].get(family) for family in ("ret", "ord", "cnt")},
         **{f"subtask_{name}": row["subtasks"].get(name) for name in SUBTASKS},
         "kv_bytes_peak": cost["kv_bytes_peak"], "video_tokens": cost["video_tokens"],
@@ -223,6 +235,8 @@ def ablation_row(eval_dir: str | Path, cell: Any, achieved: dict[str, float], pr
 def _cell_text(value: Any, key: str) -> str:
     if value is None:
         return "-"
+    if key == "overall_ci":
+        return f"{100 * value[0]:.0f}-{100 * value[1]:.0f}"
     if key in ("overall", "overall_1try", "ret", "ord", "cnt"):
         return _percent(value)
     if key.startswith("budget"):
@@ -236,8 +250,12 @@ def _cell_text(value: Any, key: str) -> str:
     return str(value)
 
 
+def _value(row: dict, key: str) -> Any:
+    return (row["overall_ci_low"], row["overall_ci_high"]) if key == "overall_ci" else row.get(key)
+
+
 def ablation_text_table(rows: list[dict]) -> str:
-    lines = [[title for title, _ in ABLATION_TABLE]] + [[_cell_text(row.get(key), key) for _, key in ABLATION_TABLE]
+    lines = [[title for title, _ in ABLATION_TABLE]] + [[_cell_text(_value(row, key), key) for _, key in ABLATION_TABLE]
                                                          for row in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(ABLATION_TABLE))]
     return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
@@ -258,7 +276,7 @@ def ablation_csv(rows: list[dict]) -> str:
 
 def ablation_markdown(title: str, intro: str, rows: list[dict]) -> str:
     header = "| " + " | ".join(title for title, _ in ABLATION_TABLE) + " |\n|" + "---|" * len(ABLATION_TABLE) + "\n"
-    body = "".join("| " + " | ".join(_cell_text(row.get(key), key) for _, key in ABLATION_TABLE) + " |\n"
+    body = "".join("| " + " | ".join(_cell_text(_value(row, key), key) for _, key in ABLATION_TABLE) + " |\n"
                    for row in rows)
     plots = "".join(f"![{alt}](plots/{name}.png)\n" for name, alt in ABLATION_PLOTS.items())
     return f"# {title}\n\n{intro}\n\n{header}{body}\n{plots}"
