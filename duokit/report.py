@@ -288,8 +288,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
             if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)]
 
 
-def _colors(rows: list[dict]) -> dict[str, str]:
-    return {name: f"C{k % 10}" for k, name in enumerate(dict.fromkeys(row["row"] for row in rows))}
+MARKERS = "osD^vP*X<>"
+
+
+def _colors(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each row: cells that land on one point stay distinguishable."""
+    names = dict.fromkeys(row["row"] for row in rows)
+    return {name: (f"C{k % 10}", MARKERS[k % len(MARKERS)]) for k, name in enumerate(names)}
 
 
 def _scatter(rows: list[dict], key: str, scale: float, xlabel: str, title: str, path: Path, front: bool) -> Path:
@@ -297,9 +302,9 @@ def _scatter(rows: list[dict], key: str, scale: float, xlabel: str, title: str, 
     axes = figure.add_subplot()
     colors = _colors(rows)
     points = [(row[key] * scale, 100 * row["overall"]) for row in rows]
-    for name, color in colors.items():
+    for name, (color, marker) in colors.items():
         mine = [p for p, row in zip(points, rows) if row["row"] == name]
-        axes.scatter([x for x, _ in mine], [y for _, y in mine], color=color, label=name)
+        axes.scatter([x for x, _ in mine], [y for _, y in mine], color=color, marker=marker, label=name, alpha=0.8)
     if front:
         best = sorted(points[i] for i in pareto_front(points))
         axes.plot([x for x, _ in best], [y for _, y in best], "k--", linewidth=1, label="Pareto front")
@@ -339,14 +344,21 @@ def plot_ablation_families(rows: list[dict], path: Path) -> Path:
 def plot_ablation_budget(rows: list[dict], path: Path) -> Path:
     figure = new_figure(6.5, 4)
     axes = figure.add_subplot()
-    for name, color in _colors(rows).items():
-        mine = sorted((row["budget_achieved_kv"], 100 * row["overall"]) for row in rows if row["row"] == name)
-        axes.plot([x for x, _ in mine], [y for _, y in mine], marker="o", color=color, label=name)
+    for name, (color, marker) in _colors(rows).items():
+        mine = [row for row in rows if row["row"] == name]
+        axes.scatter([r["budget_achieved_kv"] for r in mine], [100 * r["overall"] for r in mine], color=color,
+                     marker=marker, s=12, alpha=0.5)
+        # Draws of a random control share a budget: the line joins their means.
+        budgets = sorted({r["budget_asked"] for r in mine}, key=lambda b: -1.0 if b is None else b)
+        means = [[r for r in mine if r["budget_asked"] == b] for b in budgets]
+        points = sorted((sum(r["budget_achieved_kv"] for r in group) / len(group),
+                         sum(100 * r["overall"] for r in group) / len(group)) for group in means)
+        axes.plot([x for x, _ in points], [y for _, y in points], marker=marker, color=color, label=name, alpha=0.8)
     axes.set_xlabel("achieved budget (retained visual-KV fraction, measured)")
     axes.set_ylabel("Overall 4-try accuracy %")
     axes.set_ylim(0, 100)
     axes.legend(fontsize=7, loc="best")
-    axes.set_title("Accuracy vs budget per method")
+    axes.set_title("Accuracy vs budget per method (mean over draws)")
     return save_png(figure, path)
 
 
