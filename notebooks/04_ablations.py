@@ -53,7 +53,7 @@ METHODS = ["duo", "llavolta", "flex", "llamb", "vamba"]
 CONTROLS = True                # token-matched baselines, random dropping, random heads/selection, uniform segments
 PATTERN = None                 # a Duo pattern folder; None: ROOT/patterns/<model> from 02, else trained here
 GATE_STEPS = 2000              # steps when the gates are trained here (the official recipe)
-LLAVOLTA_LAYER = 2             # LLaVolta pools at layer K (its heavy setting: K=2)
+LLAVOLTA_LAYER = 2             # the layer K where LLaVolta pools (2: its heavy setting)
 SINK = 64                      # Duo's deploy window: the paper's sink 64 + recent 256
 RECENT = 256
 ON_CPU = "needlenet"           # without a GPU: "needlenet" swaps in NeedleNet's CPU recipe; "as-is" keeps these
