@@ -13,6 +13,7 @@ import sys
 
 # sub-command -> module defining `register(subparsers)`; the module's parser sets `func`.
 COMMAND_MODULES = {
+    "ablate": "duokit.ablate",
     "data": "duokit.data.commands",
     "demo": "duokit.demo",
     "needlenet": "duokit.models.needlenet.commands",

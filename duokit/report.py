@@ -181,3 +181,201 @@ def plot_coverage(budgets: list[int], shares: list[float], path: Path) -> Path:
     axes.set_ylim(0, 1.05)
     axes.set_title("Needle coverage bounds accuracy")
     return save_png(figure, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ablations (`duokit ablate`, notebook 04): one row per cell, with the budget asked and achieved.
+
+ABLATION_COLUMNS = ("row", "cell", "method", "budget_asked", "budget_achieved_kv", "budget_achieved_tokens",
+                    "overall", "overall_ci_low", "overall_ci_high", "overall_1try", "ret", "ord", "cnt", "kv_bytes", "kv_bytes_peak",
+                    "peak_growth_bytes_median", "prefill_s", "decode_s_per_token", "video_tokens",
+                    "visual_token_layers", "prefill_flops", "n_samples", "n_errors", "frames", "fps_first_video",
+                    "pixels_per_frame", "input_video_tokens")
+ABLATION_TABLE = (("row", "row"), ("cell", "cell"), ("asked", "budget_asked"), ("KV ach.", "budget_achieved_kv"),
+                  ("tok ach.", "budget_achieved_tokens"), ("4-try %", "overall"), ("95% CI", "overall_ci"),
+                  ("1-try %", "overall_1try"),
+                  ("ret %", "ret"), ("ord %", "ord"), ("cnt %", "cnt"), ("KV peak MiB", "kv_bytes_peak"),
+                  ("prefill s", "prefill_s"), ("video tok", "video_tokens"), ("frames", "frames"),
+                  ("errors", "n_errors"))
+ABLATION_PLOTS = {"accuracy_kv": "accuracy vs KV memory (Pareto front)", "accuracy_prefill": "accuracy vs prefill time",
+                  "families": "accuracy per task family", "accuracy_budget": "accuracy vs budget per method"}
+
+
+def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion `share` measured on `n` samples: the
+    sampling noise of an accuracy (Wilson, JASA 1927; good at small n and near 0 or 1)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ablation_row(eval_dir: str | Path, cell: Any, achieved: dict[str, float], preprocessing: dict) -> dict:
+    """A cell's row: `eval_row`'s numbers plus the budget asked and achieved, the prefill FLOPs, the
+    visual-token-layers and the cell's preprocessing record."""
+    from duokit.data.vnbench import SUBTASKS
+
+    cost = read_json(Path(eval_dir) / "summary.json")["cost"]
+    row = eval_row(eval_dir, f"{cell.row}/{cell.name}", settings=read_json(Path(eval_dir) / "config.json")["method"])
+    flat = {
+        "row": cell.row, "cell": cell.name, "method": cell.method, "budget_asked": cell.budget,
+        "budget_achieved_kv": achieved["kv"], "budget_achieved_tokens": achieved["tokens"],
+        **dict(zip(("overall_ci_low", "overall_ci_high"), wilson_interval(row["overall"], row["n_samples"]))),
+        **{family: row["families"].get(family) for family in ("ret", "ord", "cnt")},
+        **{f"subtask_{name}": row["subtasks"].get(name) for name in SUBTASKS},
+        "kv_bytes_peak": cost["kv_bytes_peak"], "video_tokens": cost["video_tokens"],
+        "input_video_tokens": cost["input_video_tokens"], "visual_token_layers": cost["visual_token_layers"],
+        "prefill_flops": cost.get("attention_flops", 0) + cost.get("mlp_flops", 0),
+        **preprocessing,
+    }
+    return {**row, **flat, "method": cell.method, "preprocessing": preprocessing}
+
+
+def _cell_text(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if key == "overall_ci":
+        return f"{100 * value[0]:.0f}-{100 * value[1]:.0f}"
+    if key in ("overall", "overall_1try", "ret", "ord", "cnt"):
+        return _percent(value)
+    if key.startswith("budget"):
+        return f"{value:.2f}"
+    if key in ("kv_bytes", "kv_bytes_peak"):
+        return f"{value / MIB:.4f}"
+    if key == "prefill_s":
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _value(row: dict, key: str) -> Any:
+    return (row["overall_ci_low"], row["overall_ci_high"]) if key == "overall_ci" else row.get(key)
+
+
+def ablation_text_table(rows: list[dict]) -> str:
+    lines = [[title for title, _ in ABLATION_TABLE]] + [[_cell_text(_value(row, key), key) for _, key in ABLATION_TABLE]
+                                                         for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(ABLATION_TABLE))]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in lines)
+
+
+def ablation_csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(ABLATION_COLUMNS) + sorted({k for row in rows for k in row if k.startswith("subtask_")})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def ablation_markdown(title: str, intro: str, rows: list[dict]) -> str:
+    header = "| " + " | ".join(title for title, _ in ABLATION_TABLE) + " |\n|" + "---|" * len(ABLATION_TABLE) + "\n"
+    body = "".join("| " + " | ".join(_cell_text(_value(row, key), key) for _, key in ABLATION_TABLE) + " |\n"
+                   for row in rows)
+    plots = "".join(f"![{alt}](plots/{name}.png)\n" for name, alt in ABLATION_PLOTS.items())
+    return f"# {title}\n\n{intro}\n\n{header}{body}\n{plots}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (less or equal x and more or equal y, one strictly)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)]
+
+
+MARKERS = "osD^vP*X<>"
+
+
+def _colors(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of each row: cells that land on one point stay distinguishable."""
+    names = dict.fromkeys(row["row"] for row in rows)
+    return {name: (f"C{k % 10}", MARKERS[k % len(MARKERS)]) for k, name in enumerate(names)}
+
+
+def _scatter(rows: list[dict], key: str, scale: float, xlabel: str, title: str, path: Path, front: bool) -> Path:
+    figure = new_figure(6.5, 4)
+    axes = figure.add_subplot()
+    colors = _colors(rows)
+    points = [(row[key] * scale, 100 * row["overall"]) for row in rows]
+    for name, (color, marker) in colors.items():
+        mine = [p for p, row in zip(points, rows) if row["row"] == name]
+        axes.scatter([x for x, _ in mine], [y for _, y in mine], color=color, marker=marker, label=name, alpha=0.8)
+    if front:
+        best = sorted(points[i] for i in pareto_front(points))
+        axes.plot([x for x, _ in best], [y for _, y in best], "k--", linewidth=1, label="Pareto front")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("Overall 4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title(title)
+    return save_png(figure, path)
+
+
+def plot_ablation_kv(rows: list[dict], path: Path) -> Path:
+    return _scatter(rows, "kv_bytes_peak", 1 / MIB, "KV cache at peak, MiB per sample", "Accuracy vs KV memory",
+                    path, front=True)
+
+
+def plot_ablation_prefill(rows: list[dict], path: Path) -> Path:
+    return _scatter(rows, "prefill_s", 1.0, "prefill s per sample", "Accuracy vs prefill time", path, front=True)
+
+
+def plot_ablation_families(rows: list[dict], path: Path) -> Path:
+    import numpy as np
+
+    figure = new_figure(max(6.0, 0.45 * len(rows) + 2), 3.5)
+    axes = figure.add_subplot()
+    x, width = np.arange(len(rows)), 0.27
+    for k, (family, label) in enumerate((("ret", "retrieval"), ("ord", "ordering"), ("cnt", "counting"))):
+        axes.bar(x + (k - 1) * width, [100 * (row.get(family) or 0.0) for row in rows], width, label=label)
+    axes.set_xticks(x, [row["label"] for row in rows], rotation=60, ha="right", fontsize=7)
+    axes.set_ylabel("4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7)
+    axes.set_title("Accuracy per task family")
+    return save_png(figure, path)
+
+
+def plot_ablation_budget(rows: list[dict], path: Path) -> Path:
+    figure = new_figure(6.5, 4)
+    axes = figure.add_subplot()
+    for name, (color, marker) in _colors(rows).items():
+        mine = [row for row in rows if row["row"] == name]
+        axes.scatter([r["budget_achieved_kv"] for r in mine], [100 * r["overall"] for r in mine], color=color,
+                     marker=marker, s=12, alpha=0.5)
+        # Draws of a random control share a budget: the line joins their means.
+        budgets = sorted({r["budget_asked"] for r in mine}, key=lambda b: -1.0 if b is None else b)
+        means = [[r for r in mine if r["budget_asked"] == b] for b in budgets]
+        points = sorted((sum(r["budget_achieved_kv"] for r in group) / len(group),
+                         sum(100 * r["overall"] for r in group) / len(group)) for group in means)
+        axes.plot([x for x, _ in points], [y for _, y in points], marker=marker, color=color, label=name, alpha=0.8)
+    axes.set_xlabel("achieved budget (retained visual-KV fraction, measured)")
+    axes.set_ylabel("Overall 4-try accuracy %")
+    axes.set_ylim(0, 100)
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title("Accuracy vs budget per method (mean over draws)")
+    return save_png(figure, path)
+
+
+ABLATION_PLOTTERS = {"accuracy_kv": plot_ablation_kv, "accuracy_prefill": plot_ablation_prefill,
+                     "families": plot_ablation_families, "accuracy_budget": plot_ablation_budget}
+
+
+def write_ablation_report(folder: str | Path, title: str, intro: str, rows: list[dict],
+                          extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """FOLDER/results.csv (one line per cell), results.json ({**extra, "cells": rows}), results.md and
+    plots/*.png; returns their paths by name."""
+    if not rows:
+        raise ValueError("an ablation report needs at least one finished cell")
+    folder = Path(folder)
+    paths = {"results.csv": atomic_write_text(folder / "results.csv", ablation_csv(rows)),
+             "results.json": atomic_write_json(folder / "results.json", {**(extra or {}), "cells": rows}),
+             "results.md": atomic_write_text(folder / "results.md", ablation_markdown(title, intro, rows))}
+    for name, plot in ABLATION_PLOTTERS.items():
+        paths[name] = plot(rows, folder / "plots" / f"{name}.png")
+    return paths

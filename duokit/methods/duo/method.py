@@ -26,7 +26,8 @@ class Duo(Method):
     global quantile rule), `sink`/`recent` (deploy sizes, the paper's 64/256: a streaming head keeps the
     first `sink` tokens and the `recent` tokens before the query), `per_layer` (the quantile within each
     layer instead of globally), `full_first_chunk` (the official code's full attention on every head
-    for the first prefill chunk); docs/duoattention.md."""
+    for the first prefill chunk), `random_heads` (a seed: rank the heads by seeded random gates instead of
+    the trained ones, same count per sparsity — the random-heads control of docs/ablate.md); docs/duoattention.md."""
 
     name = "duo"
     derived_settings = ("pattern_sha256",)
@@ -36,6 +37,7 @@ class Duo(Method):
     recent: int = 256
     per_layer: bool = False
     full_first_chunk: bool = False
+    random_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.pattern is None:
@@ -59,7 +61,10 @@ class Duo(Method):
     @cached_property
     def retrieval(self) -> np.ndarray:
         """Boolean [layers, KV heads] matrix: True = retrieval head."""
-        return binarize(self.loaded_pattern.gates, self.sparsity, per_layer=self.per_layer)[0]
+        gates = self.loaded_pattern.gates
+        if self.random_heads is not None:  # the control: as many retrieval heads, chosen at random
+            gates = np.random.default_rng(self.random_heads).random(np.shape(gates))
+        return binarize(gates, self.sparsity, per_layer=self.per_layer)[0]
 
     def head_plans(self, num_layers: int, num_kv_heads: int) -> tuple[HeadPlan, ...]:
         """One `HeadPlan` per layer, after checking that the pattern has the model's shape."""
