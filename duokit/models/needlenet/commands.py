@@ -29,6 +29,12 @@ def register(subparsers) -> None:
     train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
     train.add_argument("--family-weights",
                        help="draws of each retrieval,ordering,counting sub-task relative to the others (default 1,3,2)")
+    train.add_argument("--sizes", help="frame sizes WxH the video QA videos are synthesized at, comma-separated, "
+                                        "a repeat weights a size; frames are resized to 56x56 (default 56x56)")
+    train.add_argument("--recognition-sizes",
+                       help="frame sizes WxH the recognition needles are drawn at, comma-separated; the first alone "
+                            "for the first third of the recognition steps (default 56x56)")
+    train.add_argument("--stride", help="MIN-MAX video frames (2 fps) between sampled frames (default 1.5-3)")
     train.add_argument("--threads", type=int, help="torch threads of the training process (default 1)")
     train.add_argument("--workers", type=int, help="data worker processes, 0 = none (default 1)")
     train.add_argument("--no-mix-stages", dest="mix_stages", action="store_false", default=None,
@@ -48,6 +54,11 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         if args.curriculum is not None:
             given["curriculum"] = tuple(int(frames) for frames in args.curriculum.split(","))
+        for key in ("sizes", "recognition_sizes"):
+            if getattr(args, key) is not None:
+                given[key] = tuple(size.strip() for size in getattr(args, key).split(","))
+        if args.stride is not None:
+            given["stride"] = tuple(float(value) for value in args.stride.split("-"))
         if args.family_weights is not None:
             given["family_weights"] = tuple(int(weight) for weight in args.family_weights.split(","))
         result = train(TrainSettings(**given), args.out)

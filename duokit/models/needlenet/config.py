@@ -43,6 +43,9 @@ class TrainSettings:
     recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
+    # `duokit synth --size`s the recognition needles are drawn at, then resized to FRAME_SIZE (recognition.py);
+    # the first alone for the first third of the steps.
+    recognition_sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)
     steps: int = 8000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
@@ -51,6 +54,10 @@ class TrainSettings:
     # stages where it fits (data.weighted_tasks). (1, 3, 2) took held-out ordering from 8% to 32% (4-try,
     # validation seed) over uniform (1, 1, 1); docs/needlenet.md "Training".
     family_weights: tuple[int, int, int] = (1, 3, 2)
+    # Video QA examples: synthesized at one of `sizes` (a repeat weights a size), sampled frames resized to
+    # FRAME_SIZE (data.make_example); `stride` = (min, max) video frames at 2 fps between sampled frames.
+    sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)
+    stride: tuple[float, float] = (1.5, 3.0)
     advance_accuracy: float = 0.85
     window: int = 40  # steps
     max_stage_steps: int = 1000
@@ -78,6 +85,15 @@ class TrainSettings:
         if len(self.family_weights) != 3 or min(self.family_weights) < 1:
             raise ValueError(f"family_weights are 3 integers >= 1 (retrieval, ordering, counting), "
                              f"got {self.family_weights}")
+        from duokit.models.needlenet.data import parse_size
+
+        if not self.sizes or not self.recognition_sizes:
+            raise ValueError("sizes and recognition_sizes need at least one WxH frame size")
+        for size in (*self.sizes, *self.recognition_sizes):
+            parse_size(size)
+        if len(self.stride) != 2 or not 0 < self.stride[0] <= self.stride[1] <= 3.0:
+            raise ValueError(f"stride is (min, max) video frames between sampled frames with 0 < min <= max <= 3 "
+                             f"(a needle lasts 3 frames at 2 fps), got {self.stride}")
         if any(frames % 2 for frames in self.curriculum):
             raise ValueError(f"curriculum frame counts must be even (Qwen merges frames in pairs), got {self.curriculum}")
 

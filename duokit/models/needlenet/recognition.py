@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from duokit.data.resize import resize_frames
 from duokit.data.synth.haystack import add_noise, procedural_frames
 from duokit.data.synth.images import NeedleImages
 from duokit.data.synth.needles import subtitle_patch
@@ -27,6 +28,7 @@ from duokit.data.synth.pools import POOLS
 from duokit.data.synth.splits import split_seed
 from duokit.data.synth.tasks import SUBTITLE
 from duokit.models.needlenet.config import FRAME_SIZE
+from duokit.models.needlenet.data import pick_size
 
 # What a group shows, and how often: subtitles (learned slowest in the probe, and the needle of three
 # sub-tasks) get the most practice, then the large landmark pool.
@@ -35,8 +37,13 @@ BACKGROUND_TOKEN = "<|video_pad|>"
 LOGIT_SCALE = 8.0  # cosine-similarity temperature; 8 learned fastest of {dot product, separate head, 8}
 
 
-def make_group(seed: int, index: int) -> tuple[np.ndarray, str]:
-    """Group `index` of the stream `seed`: uint8 frames [2, H, W, 3] and the word they show."""
+def make_group(seed: int, index: int, sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)) -> tuple[np.ndarray, str]:
+    """Group `index` of the stream `seed`: uint8 frames [2, FRAME_SIZE, FRAME_SIZE, 3] and the word they
+    show. A subtitle needle is set at one of `sizes` ("WxH", a `duokit synth --size`) and the group resized
+    to FRAME_SIZE as `frame_fit` resizes such a video: a 7 px font at 160x120, shrunk, is another pixel
+    pattern than the 3 px font of a 56x56 video. For that the FRAME_SIZE haystack is scaled up (nearest
+    neighbour: drawing it at 640x360 costs ~40x more), the subtitle painted at the size, and the whole
+    scaled back. Pictures fill the frame and scale with it, so they are drawn at FRAME_SIZE."""
     rng = np.random.default_rng(split_seed("train", seed, "needlenet-recognition", index))
     kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
     haystack_seed = split_seed("train", seed, "needlenet-recognition-haystack", index)
@@ -46,13 +53,23 @@ def make_group(seed: int, index: int) -> tuple[np.ndarray, str]:
     shown = [[0, 1], [0], [1]][int(rng.integers(3))]  # both frames of the group, or one of them
     name = str(rng.choice(POOLS[kind]))
     if kind == "name":
-        painted = frames[shown]  # a copy (fancy indexing): paint it, then put it back
-        subtitle_patch(SUBTITLE.format(name=name), FRAME_SIZE, FRAME_SIZE).apply(painted, rng, noise_level)
-        frames[shown] = painted
+        width, height = pick_size(sizes, "train", seed, "needlenet-recognition-size", index)
+        canvas = scale_nearest(frames, width, height)
+        painted = canvas[shown]  # a copy (fancy indexing): paint it, then put it back
+        subtitle_patch(SUBTITLE.format(name=name), height, width).apply(painted, rng, noise_level)
+        canvas[shown] = painted
+        frames = resize_frames(canvas, FRAME_SIZE, FRAME_SIZE)
     else:
         picture = NeedleImages(split="train").pick(kind, name, rng).frame(FRAME_SIZE, FRAME_SIZE)
         frames[shown] = add_noise(np.broadcast_to(picture, (len(shown), *picture.shape)), rng, noise_level)
     return frames, name
+
+
+def scale_nearest(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] scaled to [T, height, width, 3] by nearest neighbour (a new array)."""
+    rows = np.arange(height) * frames.shape[1] // height
+    cols = np.arange(width) * frames.shape[2] // width
+    return frames[:, rows[:, None], cols[None, :]]
 
 
 def kind_of(word: str) -> str:
@@ -63,20 +80,29 @@ def kind_of(word: str) -> str:
 class RecognitionBatches(torch.utils.data.Dataset):
     """Batch of recognition step `first_step + i`: (patches, grid [groups, 3], word ids, pools)."""
 
-    def __init__(self, builder, seed: int, batch_size: int, first_step: int, steps: int):
+    def __init__(self, builder, seed: int, batch_size: int, first_step: int, steps: int,
+                 sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)):
         self.builder, self.seed, self.batch_size = builder, seed, batch_size
-        self.first_step, self.steps = first_step, steps
+        self.first_step, self.steps, self.sizes = first_step, steps, tuple(sizes)
 
     def __len__(self) -> int:
         return self.steps - self.first_step
 
     def __getitem__(self, i: int):
-        first = (self.first_step + i) * self.batch_size
-        groups = [make_group(self.seed, first + k) for k in range(self.batch_size)]
+        step = self.first_step + i
+        first = step * self.batch_size
+        groups = [make_group(self.seed, first + k, sizes_at(self.sizes, step, self.steps)) for k in range(self.batch_size)]
         pixels, grid = self.builder.pixels(np.stack([frames for frames, _ in groups]))
         words = [word for _, word in groups]
         ids = torch.tensor(self.builder.tokenizer.convert_tokens_to_ids(words))
         return pixels, torch.tensor([grid] * len(groups)), ids, [kind_of(word) for word in words]
+
+
+def sizes_at(sizes: tuple[str, ...], step: int, steps: int) -> tuple[str, ...]:
+    """Sizes drawn from at recognition `step` of `steps`: the first size alone for the first third, then all.
+    Names learned at five sizes at once stayed at 9% train accuracy where one size reached 76%
+    (docs/needlenet.md), so the 26 patterns of the first size are learned before the others join."""
+    return sizes[:1] if step < steps // 3 else sizes
 
 
 def word_logits(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

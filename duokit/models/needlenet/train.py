@@ -89,7 +89,8 @@ class StageBatches(torch.utils.data.Dataset):
         size, step = self.settings.batch_size, self.first_step + i
         frames = step_frames(self.settings, self.stage, step)
         tasks = weighted_tasks(frames, self.settings.family_weights)
-        examples = [make_example(self.settings.seed, frames, step * size + k, tasks) for k in range(size)]
+        examples = [make_example(self.settings.seed, frames, step * size + k, tasks, sizes=self.settings.sizes,
+                                 stride=self.settings.stride) for k in range(size)]
         return self.builder(examples), [example.subtask for example in examples]
 
 
@@ -146,7 +147,8 @@ def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, 
     log = JsonlLog(out / "recognition_log.jsonl", key="step")
     checkpoint = out / "ckpt" / "last.pt"
     batches = _loader(RecognitionBatches(BatchBuilder(processor), settings.seed, settings.recognition_batch_size,
-                                         state["recognition_step"], settings.recognition_steps), settings)
+                                         state["recognition_step"], settings.recognition_steps,
+                                         settings.recognition_sizes), settings)
     totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
     bar = tqdm(total=settings.recognition_steps, initial=state["recognition_step"], desc="needlenet recognition",
                unit="step", disable=not progress)
