@@ -22,8 +22,11 @@ def register(subparsers) -> None:
     train.add_argument("--heads", type=int, help="query heads per language-model layer (default 4)")
     train.add_argument("--kv-heads", type=int,
                        help="KV heads per layer, a divisor of --heads (default 2); more give DuoAttention more to choose")
+    train.add_argument("--init-vision", help="a trained NeedleNet model folder whose vision tower and word "
+                                              "embeddings start the run (default: random init)")
     train.add_argument("--recognition-steps", type=int,
                        help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
+    train.add_argument("--recognition-lr", type=float, help="peak learning rate of the recognition steps (default 3e-3)")
     train.add_argument("--steps", type=int, help="video QA optimizer steps (default 8000)")
     train.add_argument("--batch-size", type=int, help="examples per step (default 16)")
     train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
@@ -49,7 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
     from duokit.models.needlenet.config import TrainSettings
     from duokit.models.needlenet.train import train
 
-    keys = ("seed", "heads", "kv_heads", "recognition_steps", "steps", "batch_size", "threads", "workers", "mix_stages")
+    keys = ("seed", "init_vision", "heads", "kv_heads", "recognition_steps", "recognition_lr", "steps", "batch_size", "threads", "workers", "mix_stages")
     given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     try:
         if args.curriculum is not None:

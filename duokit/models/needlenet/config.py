@@ -40,6 +40,9 @@ class TrainSettings:
     heads: int = 4
     kv_heads: int = 2
     # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
+    # A trained NeedleNet (save_pretrained folder) whose vision tower and word embeddings start this run
+    # (train.init_vision); the language model's layers start from random init either way.
+    init_vision: str | None = None
     recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3

@@ -112,6 +112,31 @@ def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((predicted == target) | ~scored).all(-1)
 
 
+def init_vision(model, path: str | Path) -> str:
+    """Copy the vision tower and the (tied) word embeddings of the NeedleNet saved at `path` into `model`;
+    returns the sha256 of its weights file. Refuses a model of another vision shape or vocabulary."""
+    import hashlib
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--init-vision {path}: no model.safetensors there; give a NeedleNet model folder "
+                         f"(duokit/assets/needlenet or a run's OUT/model)")
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    ours, theirs = model.get_input_embeddings().weight, source.get_input_embeddings().weight
+    if ours.shape != theirs.shape:
+        raise ValueError(f"--init-vision {path}: vocabulary {tuple(theirs.shape)} differs from this "
+                         f"NeedleNet's {tuple(ours.shape)}")
+    try:
+        model.model.visual.load_state_dict(source.model.visual.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"--init-vision {path}: its vision tower has another shape ({err})") from None
+    with torch.no_grad():
+        ours.copy_(theirs)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def save_model(model, processor, settings: TrainSettings, path: Path, extra: dict) -> Path:
     """save_pretrained + processor + duokit.json into a temp folder, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +229,8 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
                                   weight_decay=settings.weight_decay)
     state = {"recognition_step": 0, "step": 0, "stage": 0, "stage_start": 0, "window": []}
     checkpoint = out / "ckpt" / "last.pt"
+    if settings.init_vision is not None:  # also on resume: the sha256 goes into duokit.json
+        state["init_vision_sha256"] = init_vision(model, settings.init_vision)
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved.pop("model"))
@@ -265,7 +292,8 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     bar.close()
     model.eval()
     save_model(model, processor, settings, out / "model",
-               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]]})
+               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]],
+                **({"init_vision_sha256": state["init_vision_sha256"]} if "init_vision_sha256" in state else {})})
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
 
@@ -283,5 +311,6 @@ def export_checkpoint(out: str | Path) -> Path:
     model = build_model(processor.tokenizer, settings)
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
-                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]]})
+                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]],
+                       **({"init_vision_sha256": saved["init_vision_sha256"]} if "init_vision_sha256" in saved else {})})
 
