@@ -24,10 +24,19 @@ def register(subparsers) -> None:
                        help="KV heads per layer, a divisor of --heads (default 2); more give DuoAttention more to choose")
     train.add_argument("--init-vision", help="a trained NeedleNet model folder whose vision tower and word "
                                               "embeddings start the run (default: random init)")
+    train.add_argument("--init", help="a trained NeedleNet model folder (same --heads/--kv-heads) whose every "
+                                       "weight starts the run")
+    train.add_argument("--recognition-batch-size", type=int, help="two-frame groups per recognition step (default 128)")
+    train.add_argument("--recognition-first-size-share", type=float,
+                       help="share of the recognition steps drawn at the first --recognition-sizes size alone "
+                            "(default 0.333)")
+    train.add_argument("--recognition-frozen-embeddings", dest="recognition_embeddings", action="store_false",
+                       default=None, help="recognition trains the vision tower alone, against the word embeddings "
+                                          "as they are (default: the embeddings learn too)")
     train.add_argument("--recognition-steps", type=int,
                        help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
     train.add_argument("--recognition-lr", type=float, help="peak learning rate of the recognition steps (default 3e-3)")
-    train.add_argument("--steps", type=int, help="video QA optimizer steps (default 8000)")
+    train.add_argument("--steps", type=int, help="video QA optimizer steps, 0 = recognition only (default 8000)")
     train.add_argument("--batch-size", type=int, help="examples per step (default 16)")
     train.add_argument("--curriculum", help="frames per stage, comma-separated (default 2,4,8,16,32)")
     train.add_argument("--family-weights",
@@ -52,7 +61,8 @@ def run_train(args: argparse.Namespace) -> int:
     from duokit.models.needlenet.config import TrainSettings
     from duokit.models.needlenet.train import train
 
-    keys = ("seed", "init_vision", "heads", "kv_heads", "recognition_steps", "recognition_lr", "steps", "batch_size", "threads", "workers", "mix_stages")
+    keys = ("seed", "init_vision", "init", "heads", "kv_heads", "recognition_steps", "recognition_lr",
+            "recognition_batch_size", "recognition_first_size_share", "recognition_embeddings", "steps", "batch_size", "threads", "workers", "mix_stages")
     given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     try:
         if args.curriculum is not None:

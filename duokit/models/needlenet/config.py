@@ -43,12 +43,19 @@ class TrainSettings:
     # A trained NeedleNet (save_pretrained folder) whose vision tower and word embeddings start this run
     # (train.init_vision); the language model's layers start from random init either way.
     init_vision: str | None = None
+    # A trained NeedleNet of the same shape whose every weight starts this run (train.init_weights), e.g. to
+    # teach its vision tower more frame sizes with `recognition_embeddings=False` and `steps=0`.
+    init: str | None = None
     recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
     # `duokit synth --size`s the recognition needles are drawn at, then resized to FRAME_SIZE (recognition.py);
     # the first alone for the first third of the steps.
     recognition_sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)
+    recognition_first_size_share: float = 1 / 3  # of the recognition steps drawn at the first size alone
+    # Whether recognition also trains the tied word embeddings (False: the vision tower alone learns to point
+    # at the embeddings a trained language model already reads).
+    recognition_embeddings: bool = True
     steps: int = 8000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
@@ -83,8 +90,12 @@ class TrainSettings:
                              f"into head_dims that are multiples of 4, got heads={self.heads} kv_heads={self.kv_heads}")
         if self.recognition_steps < 0 or self.recognition_batch_size < 1:
             raise ValueError(f"need recognition_steps >= 0 and recognition_batch_size >= 1, got {self}")
-        if self.steps < 1 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
-            raise ValueError(f"need steps >= 1, batch_size >= 1 and curriculum frame counts >= 2, got {self}")
+        if self.init is not None and self.init_vision is not None:
+            raise ValueError("init and init_vision both set: init already starts every weight, the vision tower too")
+        if not 0 <= self.recognition_first_size_share <= 1:
+            raise ValueError(f"recognition_first_size_share is a fraction in [0, 1], got {self.recognition_first_size_share}")
+        if self.steps < 0 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
+            raise ValueError(f"need steps >= 0 (0: recognition only), batch_size >= 1 and curriculum frame counts >= 2, got {self}")
         if len(self.family_weights) != 3 or min(self.family_weights) < 1:
             raise ValueError(f"family_weights are 3 integers >= 1 (retrieval, ordering, counting), "
                              f"got {self.family_weights}")

@@ -81,9 +81,10 @@ class RecognitionBatches(torch.utils.data.Dataset):
     """Batch of recognition step `first_step + i`: (patches, grid [groups, 3], word ids, pools)."""
 
     def __init__(self, builder, seed: int, batch_size: int, first_step: int, steps: int,
-                 sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)):
+                 sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",), first_size_share: float = 1 / 3):
         self.builder, self.seed, self.batch_size = builder, seed, batch_size
         self.first_step, self.steps, self.sizes = first_step, steps, tuple(sizes)
+        self.first_size_steps = int(steps * first_size_share)
 
     def __len__(self) -> int:
         return self.steps - self.first_step
@@ -91,24 +92,26 @@ class RecognitionBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         step = self.first_step + i
         first = step * self.batch_size
-        groups = [make_group(self.seed, first + k, sizes_at(self.sizes, step, self.steps)) for k in range(self.batch_size)]
+        groups = [make_group(self.seed, first + k, sizes_at(self.sizes, step, self.first_size_steps)) for k in range(self.batch_size)]
         pixels, grid = self.builder.pixels(np.stack([frames for frames, _ in groups]))
         words = [word for _, word in groups]
         ids = torch.tensor(self.builder.tokenizer.convert_tokens_to_ids(words))
         return pixels, torch.tensor([grid] * len(groups)), ids, [kind_of(word) for word in words]
 
 
-def sizes_at(sizes: tuple[str, ...], step: int, steps: int) -> tuple[str, ...]:
-    """Sizes drawn from at recognition `step` of `steps`: the first size alone for the first third, then all.
+def sizes_at(sizes: tuple[str, ...], step: int, first_size_steps: int) -> tuple[str, ...]:
+    """Sizes drawn from at recognition `step`: the first size alone for `first_size_steps` steps (by default
+    the first third, TrainSettings.recognition_first_size_share), then all.
     Names learned at five sizes at once stayed at 9% train accuracy where one size reached 76%
     (docs/needlenet.md), so the 26 patterns of the first size are learned before the others join."""
-    return sizes[:1] if step < steps // 3 else sizes
+    return sizes[:1] if step < first_size_steps else sizes
 
 
-def word_logits(model, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def word_logits(model, pixels: torch.Tensor, grid: torch.Tensor, train_embeddings: bool = True) -> torch.Tensor:
     """[groups, tokens per group, vocab]: each merged video token against every word embedding, as
     cosine similarity times LOGIT_SCALE (plain dot products learned ~2x slower in a measured probe)."""
     tokens = model.model.visual(pixels, grid_thw=grid).pooler_output
     tokens = torch.nn.functional.normalize(tokens.reshape(len(grid), -1, tokens.shape[-1]), dim=-1)
-    words = torch.nn.functional.normalize(model.get_input_embeddings().weight, dim=-1)
+    embeddings = model.get_input_embeddings().weight
+    words = torch.nn.functional.normalize(embeddings if train_embeddings else embeddings.detach(), dim=-1)
     return LOGIT_SCALE * tokens @ words.T

@@ -137,6 +137,23 @@ def init_vision(model, path: str | Path) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
+def init_weights(model, path: str | Path) -> str:
+    """Every weight of the NeedleNet saved at `path` into `model` (same shape); returns its weights' sha256."""
+    import hashlib
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--init {path}: no model.safetensors there; give a NeedleNet model folder "
+                         f"(duokit/assets/needlenet or a run's OUT/model)")
+    try:
+        model.load_state_dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(path).state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"--init {path}: another shape than this run's (--heads/--kv-heads?): {err}") from None
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def save_model(model, processor, settings: TrainSettings, path: Path, extra: dict) -> Path:
     """save_pretrained + processor + duokit.json into a temp folder, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +190,7 @@ def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, 
     checkpoint = out / "ckpt" / "last.pt"
     batches = _loader(RecognitionBatches(BatchBuilder(processor), settings.seed, settings.recognition_batch_size,
                                          state["recognition_step"], settings.recognition_steps,
-                                         settings.recognition_sizes), settings)
+                                         settings.recognition_sizes, settings.recognition_first_size_share), settings)
     totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
     bar = tqdm(total=settings.recognition_steps, initial=state["recognition_step"], desc="needlenet recognition",
                unit="step", disable=not progress)
@@ -183,7 +200,7 @@ def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, 
         pixels, grid, words, kinds = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = recognition_learning_rate(settings, step)
-        logits = word_logits(model, pixels, grid)
+        logits = word_logits(model, pixels, grid, settings.recognition_embeddings)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), words.repeat_interleave(logits.shape[1]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,6 +248,8 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     checkpoint = out / "ckpt" / "last.pt"
     if settings.init_vision is not None:  # also on resume: the sha256 goes into duokit.json
         state["init_vision_sha256"] = init_vision(model, settings.init_vision)
+    if settings.init is not None:
+        state["init_sha256"] = init_weights(model, settings.init)
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved.pop("model"))
@@ -293,7 +312,7 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     model.eval()
     save_model(model, processor, settings, out / "model",
                {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]],
-                **({"init_vision_sha256": state["init_vision_sha256"]} if "init_vision_sha256" in state else {})})
+                **{key: state[key] for key in ("init_vision_sha256", "init_sha256") if key in state}})
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
 
@@ -312,5 +331,5 @@ def export_checkpoint(out: str | Path) -> Path:
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
                       {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]],
-                       **({"init_vision_sha256": saved["init_vision_sha256"]} if "init_vision_sha256" in saved else {})})
+                       **{key: saved[key] for key in ("init_vision_sha256", "init_sha256") if key in saved}})
 
