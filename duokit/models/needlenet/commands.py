@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     train.add_argument("--recognition-frozen-embeddings", dest="recognition_embeddings", action="store_false",
                        default=None, help="recognition trains the vision tower alone, against the word embeddings "
                                           "as they are (default: the embeddings learn too)")
+    train.add_argument("--recognition-teacher", action="store_true", default=None,
+                       help="with --init: the vision tower learns the init tower's tokens for the same group at 56x56 "
+                            "(teaches --recognition-sizes without changing what the language model reads)")
     train.add_argument("--recognition-steps", type=int,
                        help="vision-tower recognition pre-training steps before the video QA steps (default 2000)")
     train.add_argument("--recognition-lr", type=float, help="peak learning rate of the recognition steps (default 3e-3)")
@@ -62,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     from duokit.models.needlenet.train import train
 
     keys = ("seed", "init_vision", "init", "heads", "kv_heads", "recognition_steps", "recognition_lr",
-            "recognition_batch_size", "recognition_first_size_share", "recognition_embeddings", "steps", "batch_size", "threads", "workers", "mix_stages")
+            "recognition_batch_size", "recognition_first_size_share", "recognition_embeddings", "recognition_teacher", "steps", "batch_size", "threads", "workers", "mix_stages")
     given = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     try:
         if args.curriculum is not None:

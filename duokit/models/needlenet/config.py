@@ -56,6 +56,9 @@ class TrainSettings:
     # Whether recognition also trains the tied word embeddings (False: the vision tower alone learns to point
     # at the embeddings a trained language model already reads).
     recognition_embeddings: bool = True
+    # With `init`: the tower learns, for each group, the tokens the init's own (frozen) tower gives the same
+    # group as a 56x56 video shows it (recognition.teacher_loss) -- other sizes read as the trained size.
+    recognition_teacher: bool = False
     steps: int = 8000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
@@ -92,6 +95,8 @@ class TrainSettings:
             raise ValueError(f"need recognition_steps >= 0 and recognition_batch_size >= 1, got {self}")
         if self.init is not None and self.init_vision is not None:
             raise ValueError("init and init_vision both set: init already starts every weight, the vision tower too")
+        if self.recognition_teacher and self.init is None:
+            raise ValueError("recognition_teacher needs init: the teacher is the init model's vision tower")
         if not 0 <= self.recognition_first_size_share <= 1:
             raise ValueError(f"recognition_first_size_share is a fraction in [0, 1], got {self.recognition_first_size_share}")
         if self.steps < 0 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:

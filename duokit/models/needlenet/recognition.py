@@ -44,25 +44,46 @@ def make_group(seed: int, index: int, sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{
     pattern than the 3 px font of a 56x56 video. For that the FRAME_SIZE haystack is scaled up (nearest
     neighbour: drawing it at 640x360 costs ~40x more), the subtitle painted at the size, and the whole
     scaled back. Pictures fill the frame and scale with it, so they are drawn at FRAME_SIZE."""
+    frames, _, word = make_pair(seed, index, sizes, native=False)
+    return frames, word
+
+
+def make_pair(seed: int, index: int, sizes: tuple[str, ...], native: bool = True) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(group `index` as make_group draws it, the same group with its subtitle set at FRAME_SIZE -- what a
+    56x56 video shows -- or None if `native` is False, the word)."""
     rng = np.random.default_rng(split_seed("train", seed, "needlenet-recognition", index))
     kind = str(rng.choice(list(KINDS), p=list(KINDS.values())))
     haystack_seed = split_seed("train", seed, "needlenet-recognition-haystack", index)
     frames, noise_level = procedural_frames(haystack_seed, 2, FRAME_SIZE, FRAME_SIZE)
     if kind == "haystack":
-        return frames, BACKGROUND_TOKEN
+        return frames, frames if native else None, BACKGROUND_TOKEN
     shown = [[0, 1], [0], [1]][int(rng.integers(3))]  # both frames of the group, or one of them
     name = str(rng.choice(POOLS[kind]))
     if kind == "name":
         width, height = pick_size(sizes, "train", seed, "needlenet-recognition-size", index)
-        canvas = scale_nearest(frames, width, height)
-        painted = canvas[shown]  # a copy (fancy indexing): paint it, then put it back
-        subtitle_patch(SUBTITLE.format(name=name), height, width).apply(painted, rng, noise_level)
-        canvas[shown] = painted
-        frames = resize_frames(canvas, FRAME_SIZE, FRAME_SIZE)
-    else:
-        picture = NeedleImages(split="train").pick(kind, name, rng).frame(FRAME_SIZE, FRAME_SIZE)
-        frames[shown] = add_noise(np.broadcast_to(picture, (len(shown), *picture.shape)), rng, noise_level)
-    return frames, name
+        same = native and (width, height) != (FRAME_SIZE, FRAME_SIZE)
+        reference = _paint_subtitle(frames, shown, name, FRAME_SIZE, FRAME_SIZE, _clone(rng), noise_level) if same else None
+        frames = _paint_subtitle(frames, shown, name, width, height, rng, noise_level)
+        return frames, (reference if same else frames) if native else None, name
+    picture = NeedleImages(split="train").pick(kind, name, rng).frame(FRAME_SIZE, FRAME_SIZE)
+    frames[shown] = add_noise(np.broadcast_to(picture, (len(shown), *picture.shape)), rng, noise_level)
+    return frames, frames if native else None, name
+
+
+def _clone(rng: np.random.Generator) -> np.random.Generator:
+    copy = np.random.default_rng()
+    copy.bit_generator.state = rng.bit_generator.state
+    return copy
+
+
+def _paint_subtitle(frames: np.ndarray, shown: list[int], name: str, width: int, height: int,
+                    rng: np.random.Generator, noise_level: int) -> np.ndarray:
+    """`frames` (FRAME_SIZE, not changed) with the subtitle of `name` on frames `shown`, set at width x height."""
+    canvas = scale_nearest(frames, width, height)
+    painted = canvas[shown]  # a copy (fancy indexing): paint it, then put it back
+    subtitle_patch(SUBTITLE.format(name=name), height, width).apply(painted, rng, noise_level)
+    canvas[shown] = painted
+    return resize_frames(canvas, FRAME_SIZE, FRAME_SIZE)
 
 
 def scale_nearest(frames: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -81,8 +102,9 @@ class RecognitionBatches(torch.utils.data.Dataset):
     """Batch of recognition step `first_step + i`: (patches, grid [groups, 3], word ids, pools)."""
 
     def __init__(self, builder, seed: int, batch_size: int, first_step: int, steps: int,
-                 sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",), first_size_share: float = 1 / 3):
-        self.builder, self.seed, self.batch_size = builder, seed, batch_size
+                 sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",), first_size_share: float = 1 / 3,
+                 pairs: bool = False):
+        self.builder, self.seed, self.batch_size, self.pairs = builder, seed, batch_size, pairs
         self.first_step, self.steps, self.sizes = first_step, steps, tuple(sizes)
         self.first_size_steps = int(steps * first_size_share)
 
@@ -92,11 +114,15 @@ class RecognitionBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         step = self.first_step + i
         first = step * self.batch_size
-        groups = [make_group(self.seed, first + k, sizes_at(self.sizes, step, self.first_size_steps)) for k in range(self.batch_size)]
-        pixels, grid = self.builder.pixels(np.stack([frames for frames, _ in groups]))
-        words = [word for _, word in groups]
+        sizes = sizes_at(self.sizes, step, self.first_size_steps)
+        groups = [make_pair(self.seed, first + k, sizes, native=self.pairs) for k in range(self.batch_size)]
+        pixels, grid = self.builder.pixels(np.stack([frames for frames, _, _ in groups]))
+        words = [word for _, _, word in groups]
         ids = torch.tensor(self.builder.tokenizer.convert_tokens_to_ids(words))
-        return pixels, torch.tensor([grid] * len(groups)), ids, [kind_of(word) for word in words]
+        batch = [pixels, torch.tensor([grid] * len(groups)), ids, [kind_of(word) for word in words]]
+        if self.pairs:  # + the same groups with their subtitles at FRAME_SIZE (the teacher's input)
+            batch.append(self.builder.pixels(np.stack([native for _, native, _ in groups]))[0])
+        return tuple(batch)
 
 
 def sizes_at(sizes: tuple[str, ...], step: int, first_size_steps: int) -> tuple[str, ...]:
@@ -105,6 +131,16 @@ def sizes_at(sizes: tuple[str, ...], step: int, first_size_steps: int) -> tuple[
     Names learned at five sizes at once stayed at 9% train accuracy where one size reached 76%
     (docs/needlenet.md), so the 26 patterns of the first size are learned before the others join."""
     return sizes[:1] if step < first_size_steps else sizes
+
+
+def teacher_loss(model, teacher, pixels: torch.Tensor, native: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """[groups]: mean squared distance of the vision tower's tokens for a group from the frozen `teacher`
+    tower's tokens for the same group as a 56x56 video shows it. A trained NeedleNet's language model
+    reads those tokens; matching them teaches the tower other frame sizes without changing what it reads."""
+    tokens = model.model.visual(pixels, grid_thw=grid).pooler_output
+    with torch.no_grad():
+        target = teacher(native, grid_thw=grid).pooler_output
+    return (tokens - target).pow(2).reshape(len(grid), -1).mean(-1)
 
 
 def word_logits(model, pixels: torch.Tensor, grid: torch.Tensor, train_embeddings: bool = True) -> torch.Tensor:
