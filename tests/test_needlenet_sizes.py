@@ -29,25 +29,25 @@ def subtitle_templates(width: int, height: int) -> dict[str, np.ndarray]:
     return templates
 
 
-def nearest(frame: np.ndarray, templates: dict[str, np.ndarray], rows: slice) -> str:
-    return min(templates, key=lambda name: np.abs(frame[rows].astype(np.float32) - templates[name][rows]).sum())
-
-
 def test_a_recognition_subtitle_drawn_at_160x120_looks_like_a_160x120_video_after_frame_fit():
     large, native = subtitle_templates(160, 120), subtitle_templates(56, 56)
-    rows = slice(40, 50)  # the subtitle box of both sizes after the resize (box bottom at 85% of the height)
+    inside = (slice(44, 47), slice(14, 42))  # inside the 160x120 subtitle box after the resize: no haystack there
+
+    def distance(frame, template):
+        return np.abs(frame[inside].astype(np.float32) - template[inside]).mean()
+
     checked = 0
-    for index in range(200):
+    for index in range(60):
         frames, word = make_group(7, index, ("160x120",))
         if word not in large:
             continue
-        shown = frames[np.argmin([np.abs(f[rows].astype(np.float32) - large[word][rows]).sum() for f in frames])]
         assert frames.shape == (2, 56, 56, 3)
-        assert nearest(shown, large, rows) == word  # the 160x120 pattern of its own name
-        assert nearest(shown, {**{f"56:{n}": t for n, t in native.items()}, **{f"160:{n}": t for n, t in large.items()}},
-                       rows) == f"160:{word}"  # closer to a 160x120 subtitle than to any 56x56 one
+        shown = min(frames, key=lambda frame: distance(frame, large[word]))  # the needle may be on one frame
+        own = distance(shown, large[word])
+        assert own < min(distance(shown, large[name]) for name in large if name != word), word
+        assert own < distance(shown, native[word]) / 5, word  # not the 56x56 pattern of the same name
         checked += 1
-    assert checked >= 40
+    assert checked >= 15
 
 
 def test_one_size_keeps_the_stream_and_several_sizes_draw_each():
@@ -107,3 +107,16 @@ def test_init_vision_copies_the_vision_tower_and_embeddings_only(tmp_path):
     meta = json.loads((tmp_path / "run" / "model" / "duokit.json").read_text())
     assert meta["init_vision_sha256"] == digest and meta["training"]["sizes"] == ["56x56", "96x54"]
     assert meta["training"]["stride"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("size", [(56, 56), (96, 54), (320, 240), (640, 360)])
+def test_every_synth_size_and_aspect_reaches_needlenet_as_two_tokens_per_frame(size):
+    from duokit.models import load_vlm
+
+    _, _, adapter = load_vlm("needlenet", device="cpu")
+    width, height = size
+    video = np.random.default_rng(1).integers(0, 256, size=(4, height, width, 3), dtype=np.uint8)
+    prefix = adapter.build_prefix(video, 8.0)
+    assert prefix["video_grid_thw"].tolist() == [[2, 4, 4]]  # 56x56 after frame_fit, as in training
+    assert torch.equal(prefix["pixel_values_videos"],
+                       adapter.build_prefix(resize_frames(video, 56, 56), 8.0)["pixel_values_videos"])
