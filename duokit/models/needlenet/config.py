@@ -40,9 +40,25 @@ class TrainSettings:
     heads: int = 4
     kv_heads: int = 2
     # Recognition pre-training of the vision tower (recognition.py), before the video QA steps.
+    # A trained NeedleNet (save_pretrained folder) whose vision tower and word embeddings start this run
+    # (train.init_vision); the language model's layers start from random init either way.
+    init_vision: str | None = None
+    # A trained NeedleNet of the same shape whose every weight starts this run (train.init_weights), e.g. to
+    # teach its vision tower more frame sizes with `recognition_embeddings=False` and `steps=0`.
+    init: str | None = None
     recognition_steps: int = 2000
     recognition_batch_size: int = 128  # 2-frame groups per step
     recognition_lr: float = 3e-3
+    # `duokit synth --size`s the recognition needles are drawn at, then resized to FRAME_SIZE (recognition.py);
+    # the first alone for the first third of the steps.
+    recognition_sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)
+    recognition_first_size_share: float = 1 / 3  # of the recognition steps drawn at the first size alone
+    # Whether recognition also trains the tied word embeddings (False: the vision tower alone learns to point
+    # at the embeddings a trained language model already reads).
+    recognition_embeddings: bool = True
+    # With `init`: the tower learns, for each group, the tokens the init's own (frozen) tower gives the same
+    # group as a 56x56 video shows it (recognition.teacher_loss) -- other sizes read as the trained size.
+    recognition_teacher: bool = False
     steps: int = 8000
     batch_size: int = 16
     # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
@@ -51,6 +67,10 @@ class TrainSettings:
     # stages where it fits (data.weighted_tasks). (1, 3, 2) took held-out ordering from 8% to 32% (4-try,
     # validation seed) over uniform (1, 1, 1); docs/needlenet.md "Training".
     family_weights: tuple[int, int, int] = (1, 3, 2)
+    # Video QA examples: synthesized at one of `sizes` (a repeat weights a size), sampled frames resized to
+    # FRAME_SIZE (data.make_example); `stride` = (min, max) video frames at 2 fps between sampled frames.
+    sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",)
+    stride: tuple[float, float] = (1.5, 3.0)
     advance_accuracy: float = 0.85
     window: int = 40  # steps
     max_stage_steps: int = 1000
@@ -73,11 +93,26 @@ class TrainSettings:
                              f"into head_dims that are multiples of 4, got heads={self.heads} kv_heads={self.kv_heads}")
         if self.recognition_steps < 0 or self.recognition_batch_size < 1:
             raise ValueError(f"need recognition_steps >= 0 and recognition_batch_size >= 1, got {self}")
-        if self.steps < 1 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
-            raise ValueError(f"need steps >= 1, batch_size >= 1 and curriculum frame counts >= 2, got {self}")
+        if self.init is not None and self.init_vision is not None:
+            raise ValueError("init and init_vision both set: init already starts every weight, the vision tower too")
+        if self.recognition_teacher and self.init is None:
+            raise ValueError("recognition_teacher needs init: the teacher is the init model's vision tower")
+        if not 0 <= self.recognition_first_size_share <= 1:
+            raise ValueError(f"recognition_first_size_share is a fraction in [0, 1], got {self.recognition_first_size_share}")
+        if self.steps < 0 or self.batch_size < 1 or not self.curriculum or min(self.curriculum) < 2:
+            raise ValueError(f"need steps >= 0 (0: recognition only), batch_size >= 1 and curriculum frame counts >= 2, got {self}")
         if len(self.family_weights) != 3 or min(self.family_weights) < 1:
             raise ValueError(f"family_weights are 3 integers >= 1 (retrieval, ordering, counting), "
                              f"got {self.family_weights}")
+        from duokit.models.needlenet.data import parse_size
+
+        if not self.sizes or not self.recognition_sizes:
+            raise ValueError("sizes and recognition_sizes need at least one WxH frame size")
+        for size in (*self.sizes, *self.recognition_sizes):
+            parse_size(size)
+        if len(self.stride) != 2 or not 0 < self.stride[0] <= self.stride[1] <= 3.0:
+            raise ValueError(f"stride is (min, max) video frames between sampled frames with 0 < min <= max <= 3 "
+                             f"(a needle lasts 3 frames at 2 fps), got {self.stride}")
         if any(frames % 2 for frames in self.curriculum):
             raise ValueError(f"curriculum frame counts must be even (Qwen merges frames in pairs), got {self.curriculum}")
 

@@ -20,6 +20,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from duokit.data.resize import resize_frames
 from duokit.data.synth.generate import GAP_SECONDS, SynthConfig, Synthesizer
 from duokit.data.synth.splits import split_seed
 from duokit.data.video import NEEDLE_SECONDS, sampled_fps, uniform_indices
@@ -59,9 +60,10 @@ def needed_frames(subtask: str) -> int:
     return count * NEEDLE_FRAMES + (count - 1) * GAP_FRAMES
 
 
-def haystack_frames(frames: int, subtask: str) -> tuple[int, int] | None:
-    """(min, max) haystack frames for which `frames` sampled frames see every needle; None if none does."""
-    low, high = (round(stride * (frames - 1)) + 1 - inserted_frames(subtask) for stride in STRIDE)
+def haystack_frames(frames: int, subtask: str, stride: tuple[float, float] = STRIDE) -> tuple[int, int] | None:
+    """(min, max) haystack frames for which `frames` sampled frames, `stride` (min, max) video frames
+    apart, see every needle; None if none does."""
+    low, high = (round(step * (frames - 1)) + 1 - inserted_frames(subtask) for step in stride)
     low = max(low, needed_frames(subtask))
     return (low, high) if low <= high else None
 
@@ -80,10 +82,11 @@ def weighted_tasks(frames: int, family_weights: tuple[int, int, int]) -> tuple[s
     return tuple(task for task in tasks_for(frames) for _ in range(weight[task[:3]]))
 
 
-def synth_config(frames: int, subtask: str, seed: int, split: str) -> SynthConfig:
-    low, high = haystack_frames(max(frames, 2 * NEEDLE_STAGE), subtask)
+def synth_config(frames: int, subtask: str, seed: int, split: str, size: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE),
+                 stride: tuple[float, float] = STRIDE) -> SynthConfig:
+    low, high = haystack_frames(max(frames, 2 * NEEDLE_STAGE), subtask, stride)
     return SynthConfig(tasks=(subtask,), per_task=1, seconds=(low / FPS, high / FPS), fps=FPS,
-                       size=(FRAME_SIZE, FRAME_SIZE), seed=seed, split=split)
+                       size=size, seed=seed, split=split)
 
 
 def eval_synth_config(frames: int, per_task: int, seed: int, tasks: tuple[str, ...] = SUBTASKS) -> SynthConfig:
@@ -115,17 +118,42 @@ def sampled(frames: np.ndarray, fps: float, count: int) -> tuple[np.ndarray, flo
 
 
 @cache
-def _synthesizer(frames: int, subtask: str, seed: int, split: str) -> Synthesizer:
-    return Synthesizer(synth_config(frames, subtask, seed, split))
+def _synthesizer(frames: int, subtask: str, seed: int, split: str, size: tuple[int, int],
+                 stride: tuple[float, float]) -> Synthesizer:
+    return Synthesizer(synth_config(frames, subtask, seed, split, size, stride))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (width, height), even sides >= 16 as `duokit synth --size` takes them."""
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"frame size {text!r} is not WxH (e.g. 160x120)") from None
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise ValueError(f"frame size {text!r}: sides must be even and >= 16 (duokit synth --size)")
+    return width, height
+
+
+def pick_size(sizes: tuple[str, ...], *key) -> tuple[int, int]:
+    """One of `sizes` ("WxH", repeats weight it) for the draw `key`; a single size draws nothing, so the
+    one-size stream is the same as before sizes existed."""
+    if len(sizes) == 1:
+        return parse_size(sizes[0])
+    return parse_size(sizes[int(np.random.default_rng(split_seed(*key)).integers(len(sizes)))])
 
 
 def make_example(seed: int, frames: int, index: int, tasks: tuple[str, ...] | None = None,
-                 split: str = "train") -> Example:
-    """Example `index` of the stream (seed, frames): a random sub-task of `tasks`, a random try."""
+                 split: str = "train", sizes: tuple[str, ...] = (f"{FRAME_SIZE}x{FRAME_SIZE}",),
+                 stride: tuple[float, float] = STRIDE) -> Example:
+    """Example `index` of the stream (seed, frames): a random sub-task of `tasks`, a random try. The
+    video is synthesized at one of `sizes` and its sampled frames resized to FRAME_SIZE as the model's
+    `frame_fit` resizes them at inference (duokit/data/resize.py); `stride` bounds the video frames
+    between two sampled frames (smaller = denser sampling)."""
     tasks = tasks or tasks_for(frames)
     rng = np.random.default_rng(split_seed(split, seed, "needlenet-example", frames, index))
     subtask = tasks[int(rng.integers(len(tasks)))]
-    synthesizer = _synthesizer(frames, subtask, seed, split)
+    size = pick_size(sizes, split, seed, "needlenet-example-size", frames, index)
+    synthesizer = _synthesizer(frames, subtask, seed, split, size, tuple(stride))
     # Haystack ids carry (frames, index), so every example of every stage has its own haystack seed.
     sample = synthesizer.build(synthesizer.haystack(frames * 10**7 + index), subtask)
     record = sample.records("")[int(rng.integers(4))]
@@ -136,6 +164,7 @@ def make_example(seed: int, frames: int, index: int, tasks: tuple[str, ...] | No
         video, fps = sample.frames[first:first + 2], sample.fps
     else:
         video, fps = sampled(sample.frames, sample.fps, frames)
+    video = resize_frames(video, FRAME_SIZE, FRAME_SIZE)
     return Example(subtask, video, fps, official_prompt(record["question"], options), str(record["gt"]), options)
 
 

@@ -22,6 +22,7 @@ OUT/model/           the trained model in `save_pretrained` form + processor + d
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -47,7 +48,7 @@ from duokit.models.needlenet.config import (
     build_processor,
 )
 from duokit.models.needlenet.data import IGNORE, RETRIEVAL, BatchBuilder, make_example, weighted_tasks
-from duokit.models.needlenet.recognition import KINDS, RecognitionBatches, word_logits
+from duokit.models.needlenet.recognition import KINDS, RecognitionBatches, teacher_loss, word_logits
 
 
 def warmup_cosine(peak: float, warmup: int, total: int, floor: float, step: int) -> float:
@@ -89,7 +90,8 @@ class StageBatches(torch.utils.data.Dataset):
         size, step = self.settings.batch_size, self.first_step + i
         frames = step_frames(self.settings, self.stage, step)
         tasks = weighted_tasks(frames, self.settings.family_weights)
-        examples = [make_example(self.settings.seed, frames, step * size + k, tasks) for k in range(size)]
+        examples = [make_example(self.settings.seed, frames, step * size + k, tasks, sizes=self.settings.sizes,
+                                 stride=self.settings.stride) for k in range(size)]
         return self.builder(examples), [example.subtask for example in examples]
 
 
@@ -109,6 +111,48 @@ def answer_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     scored = target != IGNORE
     return ((predicted == target) | ~scored).all(-1)
+
+
+def init_vision(model, path: str | Path) -> str:
+    """Copy the vision tower and the (tied) word embeddings of the NeedleNet saved at `path` into `model`;
+    returns the sha256 of its weights file. Refuses a model of another vision shape or vocabulary."""
+    import hashlib
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--init-vision {path}: no model.safetensors there; give a NeedleNet model folder "
+                         f"(duokit/assets/needlenet or a run's OUT/model)")
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    ours, theirs = model.get_input_embeddings().weight, source.get_input_embeddings().weight
+    if ours.shape != theirs.shape:
+        raise ValueError(f"--init-vision {path}: vocabulary {tuple(theirs.shape)} differs from this "
+                         f"NeedleNet's {tuple(ours.shape)}")
+    try:
+        model.model.visual.load_state_dict(source.model.visual.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"--init-vision {path}: its vision tower has another shape ({err})") from None
+    with torch.no_grad():
+        ours.copy_(theirs)
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def init_weights(model, path: str | Path) -> str:
+    """Every weight of the NeedleNet saved at `path` into `model` (same shape); returns its weights' sha256."""
+    import hashlib
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"--init {path}: no model.safetensors there; give a NeedleNet model folder "
+                         f"(duokit/assets/needlenet or a run's OUT/model)")
+    try:
+        model.load_state_dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(path).state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"--init {path}: another shape than this run's (--heads/--kv-heads?): {err}") from None
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def save_model(model, processor, settings: TrainSettings, path: Path, extra: dict) -> Path:
@@ -138,32 +182,41 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
 
 
 def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, state: dict, out: Path,
-                          progress: bool) -> None:
+                          progress: bool, teacher=None) -> None:
     """The recognition stage (recognition.py): vision tower + word embeddings only (the language model's
-    weights get no gradient, so AdamW leaves them as they are), logged to OUT/recognition_log.jsonl."""
+    weights get no gradient, so AdamW leaves them as they are), logged to OUT/recognition_log.jsonl.
+    With a `teacher` (a frozen vision tower) the tower learns the teacher's tokens instead of the words
+    (recognition.teacher_loss), and the log has each kind's mean squared error instead of its accuracy."""
     from tqdm.auto import tqdm
 
     log = JsonlLog(out / "recognition_log.jsonl", key="step")
     checkpoint = out / "ckpt" / "last.pt"
     batches = _loader(RecognitionBatches(BatchBuilder(processor), settings.seed, settings.recognition_batch_size,
-                                         state["recognition_step"], settings.recognition_steps), settings)
+                                         state["recognition_step"], settings.recognition_steps,
+                                         settings.recognition_sizes, settings.recognition_first_size_share,
+                                         pairs=teacher is not None), settings)
     totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
     bar = tqdm(total=settings.recognition_steps, initial=state["recognition_step"], desc="needlenet recognition",
                unit="step", disable=not progress)
     clock = time.perf_counter()
     while state["recognition_step"] < settings.recognition_steps:
         step = state["recognition_step"]
-        pixels, grid, words, kinds = next(batches)
+        pixels, grid, words, kinds, *native = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = recognition_learning_rate(settings, step)
-        logits = word_logits(model, pixels, grid)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), words.repeat_interleave(logits.shape[1]))
+        if teacher is None:
+            logits = word_logits(model, pixels, grid, settings.recognition_embeddings)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), words.repeat_interleave(logits.shape[1]))
+            scores = (logits.detach().mean(1).argmax(-1) == words).tolist()
+        else:
+            errors = teacher_loss(model, teacher, pixels, native[0], grid)
+            loss, scores = errors.mean(), errors.detach().tolist()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
         optimizer.step()
-        for kind, right in zip(kinds, (logits.detach().mean(1).argmax(-1) == words).tolist()):
-            totals["right"][kind] += right
+        for kind, score in zip(kinds, scores):
+            totals["right"][kind] += score
             totals["seen"][kind] += 1
         totals["loss"] += float(loss.detach())
         totals["steps"] += 1
@@ -173,11 +226,12 @@ def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, 
         if state["recognition_step"] % settings.log_every == 0 or done:
             record = {"step": state["recognition_step"], "loss": totals["loss"] / totals["steps"],
                       "lr": recognition_learning_rate(settings, step),
-                      "accuracy": {k: totals["right"][k] / totals["seen"][k] for k in KINDS if totals["seen"][k]},
+                      "mse" if teacher is not None else "accuracy":
+                          {k: totals["right"][k] / totals["seen"][k] for k in KINDS if totals["seen"][k]},
                       "s_per_step": (time.perf_counter() - clock) / totals["steps"]}
             if record["step"] not in log:  # a resumed run repeats the steps after its last checkpoint
                 log.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", names=f"{record['accuracy'].get('name', 0):.2f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", names=f"{record.get('accuracy', record.get('mse'))['name']:.3f}")
             totals = {"loss": 0.0, "steps": 0, "right": dict.fromkeys(KINDS, 0), "seen": dict.fromkeys(KINDS, 0)}
             clock = time.perf_counter()
         if state["recognition_step"] % settings.checkpoint_every == 0 or done:
@@ -202,13 +256,20 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
                                   weight_decay=settings.weight_decay)
     state = {"recognition_step": 0, "step": 0, "stage": 0, "stage_start": 0, "window": []}
     checkpoint = out / "ckpt" / "last.pt"
+    if settings.init_vision is not None:  # also on resume: the sha256 goes into duokit.json
+        state["init_vision_sha256"] = init_vision(model, settings.init_vision)
+    teacher = None
+    if settings.init is not None:
+        state["init_sha256"] = init_weights(model, settings.init)
+        if settings.recognition_teacher:  # the init's own tower, before a checkpoint replaces the weights
+            teacher = copy.deepcopy(model.model.visual).eval().requires_grad_(False)
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = saved
     if state["recognition_step"] < settings.recognition_steps:
-        _pretrain_recognition(model, optimizer, processor, settings, state, out, progress)
+        _pretrain_recognition(model, optimizer, processor, settings, state, out, progress, teacher)
     log = JsonlLog(out / "train_log.jsonl", key="step")
     # (retrieval answers right, retrieval answers) per step of the current stage.
     window = deque((tuple(pair) for pair in state["window"]), maxlen=settings.window)
@@ -263,7 +324,8 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     bar.close()
     model.eval()
     save_model(model, processor, settings, out / "model",
-               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]]})
+               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]],
+                **{key: state[key] for key in ("init_vision_sha256", "init_sha256") if key in state}})
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
 
@@ -281,5 +343,6 @@ def export_checkpoint(out: str | Path) -> Path:
     model = build_model(processor.tokenizer, settings)
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
-                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]]})
+                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]],
+                       **{key: saved[key] for key in ("init_vision_sha256", "init_sha256") if key in saved}})
 
