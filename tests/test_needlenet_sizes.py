@@ -120,3 +120,32 @@ def test_every_synth_size_and_aspect_reaches_needlenet_as_two_tokens_per_frame(s
     assert prefix["video_grid_thw"].tolist() == [[2, 4, 4]]  # 56x56 after frame_fit, as in training
     assert torch.equal(prefix["pixel_values_videos"],
                        adapter.build_prefix(resize_frames(video, 56, 56), 8.0)["pixel_values_videos"])
+
+
+def test_recognition_teacher_teaches_other_sizes_and_leaves_the_language_model_as_it_was(tmp_path):
+    from duokit.models.needlenet.train import train
+
+    processor = build_processor()
+    source = build_model(processor.tokenizer, TrainSettings(seed=1))
+    source.save_pretrained(tmp_path / "source")
+    with pytest.raises(ValueError, match="needs init"):
+        TrainSettings(recognition_teacher=True)
+
+    def run(name, sizes):
+        settings = TrainSettings(init=str(tmp_path / "source"), recognition_teacher=True, recognition_steps=4,
+                                 recognition_batch_size=8, recognition_sizes=sizes, recognition_first_size_share=0,
+                                 steps=0, workers=0, log_every=1)
+        train(settings, tmp_path / name, progress=False)
+        log = [json.loads(line) for line in (tmp_path / name / "recognition_log.jsonl").read_text().splitlines()]
+        return log, torch.load(tmp_path / name / "ckpt" / "last.pt", weights_only=True)["model"]
+
+    native_log, _ = run("native", ("56x56",))
+    assert native_log[0]["mse"]["name"] == 0.0  # step 1, the teacher's own input: nothing to learn
+    log, trained = run("large", ("160x120",))
+    # Step 1: a 160x120 subtitle gives other tokens; groups without one are the teacher's input as they are.
+    assert log[0]["mse"]["name"] > 0 and all(log[0]["mse"][kind] == 0.0 for kind in log[0]["mse"] if kind != "name")
+    before = source.state_dict()
+    for name, value in trained.items():
+        assert torch.equal(value, before[name]) != (".visual." in f".{name}"), name  # only the tower learns
+    meta = json.loads((tmp_path / "large" / "model" / "duokit.json").read_text())
+    assert meta["steps"] == 0 and meta["final_frames"] is None and len(meta["init_sha256"]) == 64

@@ -81,7 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"duokit needlenet train: error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.out}/model: {result['step']} steps, last stage {result['frames']} frames")
+    stage = f"last stage {result['frames']} frames" if result["step"] else "recognition only"
+    print(f"{args.out}/model: {result['step']} steps, {stage}")
     return 0
 
 

@@ -324,7 +324,7 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     bar.close()
     model.eval()
     save_model(model, processor, settings, out / "model",
-               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]],
+               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]] if settings.steps else None,
                 **{key: state[key] for key in ("init_vision_sha256", "init_sha256") if key in state}})
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
@@ -343,6 +343,6 @@ def export_checkpoint(out: str | Path) -> Path:
     model = build_model(processor.tokenizer, settings)
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
-                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]],
+                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]] if settings.steps else None,
                        **{key: saved[key] for key in ("init_vision_sha256", "init_sha256") if key in saved}})
 
