@@ -131,6 +131,7 @@ class InputShape:
             raise ValueError(f"{annotations}: no samples")
         self.frame_size = largest_frame_size(self.samples, videos)
         self.annotations, self.videos = annotations, videos
+        self._seen: dict[tuple, dict] = {}
 
     @property
     def geometry(self) -> Any:
@@ -139,6 +140,12 @@ class InputShape:
     def preprocessing(self, frames: int, max_pixels: int | None) -> dict[str, Any]:
         """What the processor makes of `frames` frames of the largest video at `max_pixels`: the token
         counts (`tokens`, for budget mapping) and the record a cell keeps of its input."""
+        key = (frames, max_pixels)
+        if key not in self._seen:
+            self._seen[key] = self._preprocess(frames, max_pixels)
+        return self._seen[key]
+
+    def _preprocess(self, frames: int, max_pixels: int | None) -> dict[str, Any]:
         import numpy as np
 
         from duokit.data.resize import resize_frames

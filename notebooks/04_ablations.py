@@ -78,9 +78,10 @@ from duokit.runtime import colab_setup
 folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 
 # %% [markdown]
-# The configuration. The CPU recipe: NeedleNet at the 32 frames it was trained at, 2 samples per sub-task
-# of a synthetic set written into the run, one budget, Duo's window 4 + 16 (NeedleNet's whole context is
-# about 70 tokens) and 50 gate-training steps unless 02 left a pattern. On a GPU the data is VNBench from
+# The configuration. The CPU recipe (CI-sized): NeedleNet at the 32 frames it was trained at, 1 sample per
+# sub-task of a synthetic set written into the run, one budget, Duo's window 4 + 16 (NeedleNet's whole
+# context is about 70 tokens) and 30 gate-training steps unless 02 left a pattern; `duokit ablate --example
+# cpu` is the larger CPU comparison. On a GPU the data is VNBench from
 # Drive (unpacked to this VM's disk if needed; nothing is downloaded here). A `CONFIG` file replaces all of
 # this (`duokit ablate --example gpu` prints the GPU one).
 
@@ -96,7 +97,7 @@ from duokit.runtime import banner, model_slug
 cpu_recipe = not torch.cuda.is_available() and ON_CPU == "needlenet"
 if cpu_recipe:
     MODEL, DATASET, FRAMES, PER_TASK, BUDGETS, SINK, RECENT, GATE_STEPS = (
-        "needlenet", "synth", 32, 2, [0.5], 4, 16, 50)
+        "needlenet", "synth", 32, 1, [0.5], 4, 16, 30)
     banner("No GPU: CPU recipe. Comparing the methods on NeedleNet and a small synthetic set instead of "
            "Qwen2.5-VL on VNBench; use a GPU runtime for the real model.")
 run_dir = folders.runs / f"ablate-{model_slug(MODEL)}-{DATASET}"
@@ -148,8 +149,8 @@ results = run_ablation(config, run_dir)
 #   prefill time and FLOPs instead). **tok ach.**: visual tokens × layers the prefill ran on.
 # - **4-try %**: all four option orders right (the official VNBench score); **1-try %** the share of
 #   single answers. With n samples a 4-try accuracy p has a standard error of √(p(1−p)/n): at 270
-#   samples about 3 points, at the CPU recipe's 18 samples about 12 — differences smaller than twice that
-#   are noise.
+#   samples about 3 points, at the CPU recipe's 9 samples about 16 — differences smaller than twice that
+#   are noise (the table's 95% CI column gives each cell's interval).
 # - **ret / ord / cnt**: retrieval, ordering, counting. Query-guided selection (Flex) should help retrieval;
 #   ordering and counting need every needle kept, which budget cuts threaten first.
 # - A method is only worth its complexity where it beats the **token-matched baseline** and the **random**
