@@ -150,6 +150,11 @@ class Method:
     prefix_depends_on_question: ClassVar[bool] = False
     # Keys `settings()` adds that are not dataclass fields (derived facts, e.g. a file's hash).
     derived_settings: ClassVar[tuple[str, ...]] = ()
+    # True when the engine may decode a prefix's tries as one batch over the shared prefix KV
+    # (`duokit.decode_together`): the method's cache layers hold every KV head of every token as
+    # `keys`/`values` and its decode attention is the model's own. Tokens are equal; logits equal up to
+    # rounding, so with `keep_logits` the engine decodes the tries one by one.
+    decodes_tries_together: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
