@@ -227,10 +227,13 @@ class Method:
         return 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * tokens.total * geometry.dtype_bytes
 
     def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
-        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them):
-        0 for a cache restored in place by truncation; `estimate_kv_bytes(geometry, prefix_tokens)` for
-        a method whose cache falls back to a deepcopy per try (the original stays alive beside it)."""
-        return 0
+        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them).
+        The default: 0 with the default cache (restored in place by truncation); for a method with its
+        own cache, a copy of the prefix (the deepcopy fallback keeps the original beside each try's
+        copy). A method whose own cache restores itself overrides this."""
+        if type(self).new_cache is Method.new_cache:
+            return 0
+        return self.estimate_kv_bytes(geometry, prefix_tokens)
 
     def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int]) -> dict[str, int]:
         """Analytic FLOPs of the prefill, given how many tokens each layer ran on (measured by the
