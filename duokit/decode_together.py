@@ -131,6 +131,12 @@ def _attend(query, key, value, scale, mask) -> tuple[torch.Tensor, torch.Tensor]
     return (scores - lse[..., None]).exp() @ value.float(), lse
 
 
+def full_attention_only(config: Any) -> bool:
+    """Whether every layer of the text model of `config` attends to all tokens (a sliding-window layer's
+    cache keeps only a window: the batch cannot read the prefix from it)."""
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
 def together_kv_tokens(suffixes: Sequence[torch.Tensor], max_new_tokens: int) -> int:
     """Tokens the batch holds beside the prefix: per try, the longest suffix + every new token but the
     last (never fed back), allocated up front."""

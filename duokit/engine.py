@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from duokit.decode_together import decode_tries_together, together_kv_tokens
+from duokit.decode_together import decode_tries_together, full_attention_only, together_kv_tokens
 from duokit.metrics import PeakMemory, Stopwatch, kv_cache_bytes
 from duokit.models.base import Geometry, Prefix, TokenCounts
 
@@ -250,7 +250,8 @@ def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], ch
     prefix = method.prepare_prefix(prefix, sample, lm)
     with_video = sample.frames is not None
     suffixes = [lm.adapter.suffix_ids(t.prompt, with_video, sample.context, sample.question) for t in tries]
-    together = method.decodes_tries_together and not keep_logits and len(suffixes) > 1
+    together = (method.decodes_tries_together and not keep_logits and len(suffixes) > 1
+                and full_attention_only(lm.adapter.text_config))
     # Decoded together, the tries write into the batch's own buffers, not after the prefilled prefix.
     lm.decode_reserve = 0 if together else max(suffix.shape[1] for suffix in suffixes) + max_new_tokens
     cache = method.new_cache(lm, prefix)

@@ -240,7 +240,10 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
     prefix_counts = TokenCounts(prefix_tokens - video_tokens, video_tokens, adapter.video_grids(inputs))
-    held = prefix_tokens + (tries if method.decodes_tries_together else 1) * (suffix_tokens + max_new_tokens)
+    from duokit.decode_together import full_attention_only
+
+    together = method.decodes_tries_together and full_attention_only(adapter.text_config)
+    held = prefix_tokens + (tries if together else 1) * (suffix_tokens + max_new_tokens)
     try_counts = TokenCounts(held - video_tokens, video_tokens, prefix_counts.video_grids)
     # One cache per sample: each try restores the prefix in place (plus what the method keeps to do so),
     # or the tries decode together, each with its own suffix buffer beside the one prefix.

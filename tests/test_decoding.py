@@ -162,3 +162,16 @@ def test_planner_counts_one_cache_and_what_restoring_keeps(tmp_path):
     planned = plan_memory(model, adapter, own, 4, 96, 128, suffix_tokens=50, max_new_tokens=5)
     baseline = get_method("baseline")
     assert planned.kv_bytes == baseline.estimate_kv_bytes(geometry, held) + baseline.estimate_kv_bytes(geometry, prefix)
+
+
+def test_sliding_window_layers_keep_dynamic_cache_and_tries_apart():
+    from transformers import Qwen2Config
+
+    from duokit.decode_together import full_attention_only
+
+    full = Qwen2Config(num_hidden_layers=4)
+    sliding = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8)
+    assert full_attention_only(full) and not full_attention_only(sliding)
+    assert isinstance(preallocated_cache(full, 10, 2), PreallocatedCache)
+    cache = preallocated_cache(sliding, 10, 2)
+    assert type(cache) is DynamicCache and cache.layers[-1].is_sliding
