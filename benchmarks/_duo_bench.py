@@ -90,10 +90,18 @@ def applied(model, method):
     return method.apply(model, lm(model).adapter) if method else contextlib.nullcontext()
 
 
-def new_cache(model, method):
+def new_cache(model, method, tokens: int = 0, reserve: int = 0):
+    """The cache the engine would give `method` for a prefix of `tokens` tokens with `reserve` more to
+    decode (None = stock transformers: a DynamicCache)."""
+    from types import SimpleNamespace
+
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config) if method is None else method.new_cache(lm(model), None)
+    if method is None:
+        return DynamicCache(config=model.config)
+    engine_lm = lm(model)
+    engine_lm.decode_reserve = reserve
+    return method.new_cache(engine_lm, SimpleNamespace(num_tokens=tokens))
 
 
 # --- fair setups (docs/decoding.md) ------------------------------------------------------------------

@@ -131,6 +131,18 @@ def _attend(query, key, value, scale, mask) -> tuple[torch.Tensor, torch.Tensor]
     return (scores - lse[..., None]).exp() @ value.float(), lse
 
 
+def full_attention_only(config: Any) -> bool:
+    """Whether every layer of the text model of `config` attends to all tokens (a sliding-window layer's
+    cache keeps only a window: the batch cannot read the prefix from it)."""
+    return all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+
+
+def together_kv_tokens(suffixes: Sequence[torch.Tensor], max_new_tokens: int) -> int:
+    """Tokens the batch holds beside the prefix: per try, the longest suffix + every new token but the
+    last (never fed back), allocated up front."""
+    return len(suffixes) * (max(suffix.shape[1] for suffix in suffixes) + max_new_tokens - 1)
+
+
 def _positions(adapter: Any, starts: Sequence[int], count: int) -> torch.Tensor:
     """Position ids of `count` tokens for each try, the batch stacked on the tokens' batch axis."""
     return torch.cat([adapter.positions(start, count) for start in starts], dim=-2)
@@ -146,7 +158,8 @@ def decode_tries_together(lm: Any, cache: Cache, prefix: Any, suffixes: Sequence
 
     batch, longest = len(suffixes), max(suffix.shape[1] for suffix in suffixes)
     device = suffixes[0].device
-    valid = torch.zeros(batch, longest + max_new_tokens, dtype=torch.bool, device=device)
+    capacity = together_kv_tokens(suffixes, max_new_tokens) // batch
+    valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
     ids = torch.zeros(batch, longest, dtype=torch.long, device=device)  # padding: any id, never a key
     for index, suffix in enumerate(suffixes):
         ids[index, :suffix.shape[1]] = suffix[0]
@@ -155,7 +168,7 @@ def decode_tries_together(lm: Any, cache: Cache, prefix: Any, suffixes: Sequence
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False) or not isinstance(layer.keys, torch.Tensor):
             raise ValueError("decode_tries_together needs full-attention cache layers holding every KV head")
-        layers.append(TriesLayer(layer.keys, layer.values, valid, longest + max_new_tokens))
+        layers.append(TriesLayer(layer.keys, layer.values, valid, capacity))
     batch_cache = Cache(layers=layers)
     eos = lm.adapter.eos_token_ids
     answers: list[list[int]] = [[] for _ in suffixes]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from duokit.decode_together import decode_tries_together, full_attention_only, together_kv_tokens
 from duokit.metrics import PeakMemory, Stopwatch, kv_cache_bytes
 from duokit.models.base import Geometry, Prefix, TokenCounts
 
@@ -249,21 +250,33 @@ def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], ch
     prefix = method.prepare_prefix(prefix, sample, lm)
     with_video = sample.frames is not None
     suffixes = [lm.adapter.suffix_ids(t.prompt, with_video, sample.context, sample.question) for t in tries]
-    lm.decode_reserve = max(suffix.shape[1] for suffix in suffixes) + max_new_tokens
+    together = (method.decodes_tries_together and not keep_logits and len(suffixes) > 1
+                and full_attention_only(lm.adapter.text_config))
+    # Decoded together, the tries write into the batch's own buffers, not after the prefilled prefix.
+    lm.decode_reserve = 0 if together else max(suffix.shape[1] for suffix in suffixes) + max_new_tokens
     cache = method.new_cache(lm, prefix)
     with prefill_watch, count_layer_tokens(lm.layers) as tokens_per_layer:
         cache = method.prefill(lm, prefix, cache, chunk_size)
     kv_bytes = kv_cache_bytes(cache)
     restore = method.prefix_restorer(cache)
     answers, longest_try = [], 0
-    for suffix in suffixes:
-        logits: list | None = [] if keep_logits else None
+    if together:
+        # One batch over the shared prefix (equal tokens; logits equal up to rounding, hence not with keep_logits).
         with Stopwatch(lm.device) as decode:
-            tokens = greedy_decode(lm, restore(), prefix, suffix, max_new_tokens, logits)
-        # The cache saw the suffix and every generated token but the last (never fed back).
-        longest_try = max(longest_try, suffix.shape[1] + len(tokens) - 1)
-        text = lm.adapter.tokenizer.decode(tokens, skip_special_tokens=True)
-        answers.append(TryAnswer(tokens, text, decode.seconds, torch.stack(logits) if keep_logits else None))
+            all_tokens = decode_tries_together(lm, cache, prefix, suffixes, max_new_tokens)
+        longest_try = together_kv_tokens(suffixes, max_new_tokens)  # held beside the prefix
+        for tokens in all_tokens:
+            text = lm.adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(TryAnswer(tokens, text, decode.seconds / len(suffixes)))
+    else:
+        for suffix in suffixes:
+            logits: list | None = [] if keep_logits else None
+            with Stopwatch(lm.device) as decode:
+                tokens = greedy_decode(lm, restore(), prefix, suffix, max_new_tokens, logits)
+            # The cache saw the suffix and every generated token but the last (never fed back).
+            longest_try = max(longest_try, suffix.shape[1] + len(tokens) - 1)
+            text = lm.adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append(TryAnswer(tokens, text, decode.seconds, torch.stack(logits) if keep_logits else None))
     geometry = lm.geometry
     at_peak = TokenCounts(built.text + longest_try, built.video, built.video_grids)
     text_tokens = prefix.num_tokens - prefix.num_video_tokens

@@ -211,7 +211,7 @@ def vision_activation_bytes(vision_config: Any, patches: int, group: int, input_
 def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
                 frame_height: int = DEFAULT_FRAME_SIZE[0], frame_width: int = DEFAULT_FRAME_SIZE[1],
                 chunk_size: int | None = None, suffix_tokens: int = 256, max_new_tokens: int | None = None,
-                device: torch.device | str | None = None) -> MemoryPlan:
+                device: torch.device | str | None = None, tries: int = 4) -> MemoryPlan:
     """Estimate the memory of evaluating one sample: weights + KV + activations.
 
     The prefix token count is exact: the real processor runs on `num_frames` black frames of the given
@@ -221,6 +221,7 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     and a few hidden-size buffers, plus the prefix embeddings. The vision tower's transient activations
     (`vision_activation_bytes`) come before the prefill (docs/metrics.md). `device` (default: the
     model's) decides the kernels and the memory available: a GPU run can be planned on the meta device.
+    `tries` (VNBench: 4 option orders per question) counts for a method that decodes them together.
     """
     import numpy as np
 
@@ -239,8 +240,13 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     try_tokens = prefix_tokens + suffix_tokens + max_new_tokens
     prefix_counts = TokenCounts(prefix_tokens - video_tokens, video_tokens, adapter.video_grids(inputs))
-    try_counts = TokenCounts(try_tokens - video_tokens, video_tokens, prefix_counts.video_grids)
-    # One cache per sample: each try restores the prefix in place (plus what the method keeps to do so).
+    from duokit.decode_together import full_attention_only
+
+    together = method.decodes_tries_together and full_attention_only(adapter.text_config)
+    held = prefix_tokens + (tries if together else 1) * (suffix_tokens + max_new_tokens)
+    try_counts = TokenCounts(held - video_tokens, video_tokens, prefix_counts.video_grids)
+    # One cache per sample: each try restores the prefix in place (plus what the method keeps to do so),
+    # or the tries decode together, each with its own suffix buffer beside the one prefix.
     kv = planned_kv_bytes(adapter, method, try_counts) + method.estimate_restore_kv_bytes(adapter.geometry,
                                                                                          prefix_counts)
     config = adapter.text_config

@@ -55,3 +55,32 @@ def test_the_attention_refuses_another_cache():
     query = torch.zeros(1, 4, 1, 16)
     with pytest.raises(TypeError, match="decode_tries_together"):
         tries_attention(None, query, query, query, None)
+
+
+def test_the_engine_decodes_the_baselines_tries_together_unless_asked_for_exact_logits(monkeypatch):
+    from duokit import engine
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[3]))
+        return decode_tries_together(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_tries_together", spy)
+    model, _, adapter = tiny("qwen2_5_vl")
+    method, lm, sample = get_method("baseline"), LM(model, adapter), sample_for(adapter)
+    assert method.decodes_tries_together
+    with method.apply(model, adapter):
+        exact = answer_tries(lm, method, sample, TRIES, chunk_size=16, keep_logits=True)
+        assert calls == []
+        fast = answer_tries(lm, method, sample, TRIES, chunk_size=16)
+        assert calls == [len(TRIES)]
+        answer_tries(lm, method, sample, TRIES[:1], chunk_size=16)  # one try: nothing to share
+        assert calls == [len(TRIES)]
+    assert [a.tokens for a in fast.answers] == [a.tokens for a in exact.answers]
+    assert all(a.logits is None and a.decode_s > 0 for a in fast.answers)
+    # The batch holds the prefix once and, per try, the longest suffix + every new token but the last.
+    cost = fast.cost
+    longest = max(adapter.suffix_ids(t.prompt, True).shape[1] for t in TRIES)
+    per_token = cost["kv_bytes"] // cost["prefix_tokens"]
+    assert cost["kv_bytes_peak"] == cost["kv_bytes_planned"] == cost["kv_bytes"] + per_token * 4 * (longest + 4)

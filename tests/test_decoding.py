@@ -147,13 +147,31 @@ def test_planner_counts_one_cache_and_what_restoring_keeps(tmp_path):
     assert plan.kv_bytes == (method.estimate_kv_bytes(geometry, held)
                              + method.estimate_restore_kv_bytes(geometry, prefix)) > 0
 
-    class Copying(CopyPerTry):
-        name = "test-copying-planned"
+    class OwnCache(Method):
+        """A method with its own cache, which has no `prefix_restorer`: each try gets a deepcopy."""
 
-        def estimate_restore_kv_bytes(self, geometry, prefix_tokens):
-            return self.estimate_kv_bytes(geometry, prefix_tokens)
+        name = "test-own-cache"
 
-    copying = plan_memory(model, adapter, Copying(), 4, 96, 128, suffix_tokens=50, max_new_tokens=5)
+        def new_cache(self, lm, prefix):
+            return DynamicCache(config=lm.adapter.text_config)
+
+    own = OwnCache()
+    cache = own.new_cache(LM(model, adapter), None)
+    restore = own.prefix_restorer(cache)
+    assert restore() is not cache and restore() is not restore()
+    planned = plan_memory(model, adapter, own, 4, 96, 128, suffix_tokens=50, max_new_tokens=5)
     baseline = get_method("baseline")
-    assert copying.kv_bytes == (baseline.estimate_kv_bytes(geometry, held)
-                                + baseline.estimate_kv_bytes(geometry, prefix))
+    assert planned.kv_bytes == baseline.estimate_kv_bytes(geometry, held) + baseline.estimate_kv_bytes(geometry, prefix)
+
+
+def test_sliding_window_layers_keep_dynamic_cache_and_tries_apart():
+    from transformers import Qwen2Config
+
+    from duokit.decode_together import full_attention_only
+
+    full = Qwen2Config(num_hidden_layers=4)
+    sliding = Qwen2Config(num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8)
+    assert full_attention_only(full) and not full_attention_only(sliding)
+    assert isinstance(preallocated_cache(full, 10, 2), PreallocatedCache)
+    cache = preallocated_cache(sliding, 10, 2)
+    assert type(cache) is DynamicCache and cache.layers[-1].is_sliding

@@ -150,6 +150,11 @@ class Method:
     prefix_depends_on_question: ClassVar[bool] = False
     # Keys `settings()` adds that are not dataclass fields (derived facts, e.g. a file's hash).
     derived_settings: ClassVar[tuple[str, ...]] = ()
+    # True when the engine may decode a prefix's tries as one batch over the shared prefix KV
+    # (`duokit.decode_together`): the method's cache layers hold every KV head of every token as
+    # `keys`/`values` and its decode attention is the model's own. Tokens are equal; logits equal up to
+    # rounding, so with `keep_logits` the engine decodes the tries one by one.
+    decodes_tries_together: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -239,10 +244,13 @@ class Method:
         return self.estimate_kv_bytes(geometry, tokens)
 
     def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
-        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them):
-        0 for a cache restored in place by truncation; `estimate_kv_bytes(geometry, prefix_tokens)` for
-        a method whose cache falls back to a deepcopy per try (the original stays alive beside it)."""
-        return 0
+        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them).
+        The default: 0 with the default cache (restored in place by truncation); for a method with its
+        own cache, a copy of the prefix (the deepcopy fallback keeps the original beside each try's
+        copy). A method whose own cache restores itself overrides this."""
+        if type(self).new_cache is Method.new_cache:
+            return 0
+        return self.estimate_kv_bytes(geometry, prefix_tokens)
 
     def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int],
                                tokens: Any = None) -> dict[str, int]:

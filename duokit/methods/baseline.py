@@ -11,3 +11,4 @@ from duokit.methods.base import Method, register_method
 @dataclass
 class Baseline(Method):
     name = "baseline"
+    decodes_tries_together = True

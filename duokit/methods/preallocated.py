@@ -114,7 +114,8 @@ def preallocated_cache(config, prefix_tokens: int, reserve: int):
     holds every token); otherwise transformers' `DynamicCache`, whose layer types follow the config."""
     from transformers import DynamicCache
 
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    if any(kind != "full_attention" for kind in layer_types):
+    from duokit.decode_together import full_attention_only
+
+    if not full_attention_only(config):
         return DynamicCache(config=config)
-    return PreallocatedCache(len(layer_types), prefix_tokens + reserve, reserve)
+    return PreallocatedCache(config.num_hidden_layers, prefix_tokens + reserve, reserve)
