@@ -34,6 +34,10 @@ import numpy as np
 # with the question's rows united; capped at a quarter of the high-res tokens (the ablation's ρ = 0.5
 # split: low-res context ≈ ρ/2, re-injected ≤ ρ/2); FlexAttention's own inference row (the last token).
 VARIANTS = {"attention": {}, "attention, budget 0.25": {"budget": "0.25"}, "attention, last row": {"rows": "last"}}
+# Controls that separate the selection from the look-again format: every high-res token re-injected
+# (after the low-res context, and after a high-res context).
+CONTROLS = {"all re-injected": {"selection": "random", "random_p": "1"},
+            "all re-injected, high-res context": {"selection": "random", "random_p": "1", "low_res": "1.0"}}
 
 
 def load_samples(frames: int, per_task: int, seed: int):
@@ -98,7 +102,7 @@ def probe_diagnostics(lm, method, samples):
         for sample in samples:
             view = SampleInput(sample["video"], sample["fps"], question=sample["question"])
             low = embed_at(lm, view, round(method.low_res))
-            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1
+            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1 if method.rows == "question" else low.num_tokens - 1
             attention = question_attention(lm, low, layer, rows_from, 2048).sum(0)
             groups = low.frame_of[low.video_mask]
             mass = torch.zeros(int(groups.max()) + 1).index_add_(0, groups.cpu(), attention)
@@ -141,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra flex settings")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="flex rows to run (each with its random control)")
+    parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the all-re-injected controls and the per-layer probe sweep")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -173,6 +179,13 @@ def main(argv=None) -> int:
         control = get_method("flex", low_res=low, **extra, **variant, selection="random", random_p=chance)
         results[f"flex {label}, random"] = evaluate(lm, control, samples)
         diagnostics[label] = probe_diagnostics(lm, attention, samples)
+    if args.controls:
+        for label, control in CONTROLS.items():
+            results[f"flex {label}"] = evaluate(lm, get_method("flex", **{"low_res": low, **extra, **control}), samples)
+        for rows in ("question", "last"):
+            for layer in range(lm.geometry.num_layers):
+                method = get_method("flex", low_res=low, **{**extra, "rows": rows, "select_layer": str(layer)})
+                diagnostics[f"layer {layer}, rows {rows}"] = probe_diagnostics(lm, method, samples)
 
     date = datetime.date.today().isoformat()
     command = "python " + shlex.join(["benchmarks/flex_needle.py", *(argv if argv is not None else sys.argv[1:])])
