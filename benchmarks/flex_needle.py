@@ -218,7 +218,7 @@ def main(argv=None) -> int:
         from duokit.io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"date": date, "command": command, "random_p": random_p,
-                                                 "rows": table, "probe": probe, "probe_samples": diagnostics},
+                                                 "rows": table, "probe": probe},
                                                 indent=1))
     return 0
 
