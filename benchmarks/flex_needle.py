@@ -30,6 +30,15 @@ from collections import defaultdict
 
 import numpy as np
 
+# The flex rows (each with its random control at the same selected-token count): FlexAttention's rule
+# with the question's rows united; capped at a quarter of the high-res tokens (the ablation's ρ = 0.5
+# split: low-res context ≈ ρ/2, re-injected ≤ ρ/2); FlexAttention's own inference row (the last token).
+VARIANTS = {"attention": {}, "attention, budget 0.25": {"budget": "0.25"}, "attention, last row": {"rows": "last"}}
+# Controls that separate the selection from the look-again format: every high-res token re-injected
+# (after the low-res context, and after a high-res context).
+CONTROLS = {"all re-injected": {"selection": "random", "random_p": "1"},
+            "all re-injected, high-res context": {"selection": "random", "random_p": "1", "low_res": "1.0"}}
+
 
 def load_samples(frames: int, per_task: int, seed: int):
     from duokit.data.synth.generate import Synthesizer
@@ -54,7 +63,8 @@ def load_samples(frames: int, per_task: int, seed: int):
 
 
 def evaluate(lm, method, samples, pixels=None):
-    """(scorer JSON, per-sample costs) of `method` on `samples`, frames at `pixels` per frame if given."""
+    """(scorer JSON, per-sample costs) of `method` on `samples`, frames at `pixels` per frame if given;
+    prints the overall accuracy as soon as it is known (long CPU runs)."""
     from duokit.data.scoring import prediction_record, score_predictions
     from duokit.engine import SampleInput, answer_tries
 
@@ -72,7 +82,10 @@ def evaluate(lm, method, samples, pixels=None):
                 costs.append({"subtask": sample["records"][0].subtask, **result.cost})
     finally:
         adapter.set_pixel_limits(*saved)
-    return score_predictions(predictions), costs
+    scores = score_predictions(predictions)
+    print(f"# done: {method.settings()} at {pixels or 'the run'} px: overall {100 * scores['overall']:.1f}, "
+          f"families {scores['families']}", flush=True)
+    return scores, costs
 
 
 def probe_diagnostics(lm, method, samples):
@@ -89,7 +102,7 @@ def probe_diagnostics(lm, method, samples):
         for sample in samples:
             view = SampleInput(sample["video"], sample["fps"], question=sample["question"])
             low = embed_at(lm, view, round(method.low_res))
-            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1
+            rows_from = int(low.video_mask.nonzero()[-1, 0]) + 1 if method.rows == "question" else low.num_tokens - 1
             attention = question_attention(lm, low, layer, rows_from, 2048).sum(0)
             groups = low.frame_of[low.video_mask]
             mass = torch.zeros(int(groups.max()) + 1).index_add_(0, groups.cpu(), attention)
@@ -106,6 +119,19 @@ def probe_diagnostics(lm, method, samples):
     return rows
 
 
+def probe_summary(rows: list[dict]) -> dict:
+    with_needles = [d for d in rows if d["needle_groups"]]
+    return {
+        "needle_mass": statistics.fmean(d["needle_mass"] for d in with_needles),
+        "needle_share": statistics.fmean(d["needle_share"] for d in with_needles),
+        "top_group_is_needle": statistics.fmean(d["top_group_is_needle"] for d in with_needles),
+        "selected_needle_groups": sum(d["selected_needles"] for d in with_needles)
+        / max(1, sum(d["selected_groups"] for d in with_needles)),
+        "needles_selected": sum(d["selected_needles"] for d in with_needles)
+        / max(1, sum(d["needle_groups"] for d in with_needles)),
+    }
+
+
 def family_of(subtask: str) -> str:
     return {"ret": "retrieval", "ord": "ordering", "cnt": "counting"}[subtask[:3]]
 
@@ -117,6 +143,11 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--low-pixels", type=int, default=28 * 28, help="pixels per frame of the low-res context")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra flex settings")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="flex rows to run (each with its random control)")
+    parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the all-re-injected controls and the per-layer probe sweep")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -127,26 +158,40 @@ def main(argv=None) -> int:
     from duokit.models import load_vlm
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     model, _, adapter = load_vlm("needlenet", device="cpu")
     lm = LM(model, adapter)
     samples = load_samples(args.frames, args.per_task, args.seed)
     extra = dict(item.split("=", 1) for item in args.set)
-    attention = get_method("flex", low_res=str(args.low_pixels), **extra)
-    results = {}
+    low = str(args.low_pixels)
+    results, diagnostics, random_p = {}, {}, {}
     results["baseline high res"] = evaluate(lm, get_method("baseline"), samples)
     results["baseline low res"] = evaluate(lm, get_method("baseline"), samples, pixels=args.low_pixels)
-    results["flex attention"] = evaluate(lm, attention, samples)
-    costs = results["flex attention"][1]
-    fraction = sum(c["selected_tokens"] for c in costs) / sum(c["high_res_tokens"] for c in costs)
-    random_settings = {**extra, "selection": "random", "random_p": str(fraction)}
-    results["flex random"] = evaluate(lm, get_method("flex", low_res=str(args.low_pixels), **random_settings), samples)
-    diagnostics = probe_diagnostics(lm, attention, samples)
+    for label, variant in ((label, VARIANTS[label]) for label in args.variants):
+        attention = get_method("flex", low_res=low, **extra, **variant)
+        results[f"flex {label}"] = evaluate(lm, attention, samples)
+        costs = results[f"flex {label}"][1]
+        fraction = sum(c["selected_tokens"] for c in costs) / sum(c["high_res_tokens"] for c in costs)
+        # Same count: under a budget every cell is drawn and the cap keeps random ones up to it; without
+        # one, each cell is drawn with the attention row's selected fraction.
+        chance = "1" if "budget" in variant else str(fraction)
+        random_p[label] = float(chance)
+        control = get_method("flex", low_res=low, **extra, **variant, selection="random", random_p=chance)
+        results[f"flex {label}, random"] = evaluate(lm, control, samples)
+        diagnostics[label] = probe_diagnostics(lm, attention, samples)
+    if args.controls:
+        for label, control in CONTROLS.items():
+            results[f"flex {label}"] = evaluate(lm, get_method("flex", **{"low_res": low, **extra, **control}), samples)
+        for rows in ("question", "last"):
+            for layer in range(lm.geometry.num_layers):
+                method = get_method("flex", low_res=low, **{**extra, "rows": rows, "select_layer": str(layer)})
+                diagnostics[f"layer {layer}, rows {rows}"] = probe_diagnostics(lm, method, samples)
 
     date = datetime.date.today().isoformat()
     command = "python " + shlex.join(["benchmarks/flex_needle.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"# {date}: {command}")
-    print(f"# {len(samples)} samples; flex settings {attention.settings()}; random p = {fraction:.3f}")
-    print(f"{'row':<18} {'overall':>7} {'ret':>6} {'ord':>6} {'cnt':>6} {'video tok':>9} {'selected':>8} "
+    print(f"# {len(samples)} samples, {args.frames} frames; flex low_res={low} {extra or ''}; random p {random_p}")
+    print(f"{'row':<30} {'overall':>7} {'ret':>6} {'ord':>6} {'cnt':>6} {'video tok':>9} {'selected':>8} "
           "(ret/ord/cnt)")
     table = {}
     for name, (scores, sample_costs) in results.items():
@@ -159,29 +204,22 @@ def main(argv=None) -> int:
         table[name] = {"overall": 100 * scores["overall"], "families": families, "mean_video_tokens": video,
                        "mean_selected_tokens": selected,
                        "mean_selection_s": statistics.fmean(c.get("selection_s", 0.0) for c in sample_costs)}
-        print(f"{name:<18} {100 * scores['overall']:7.1f} {families['retrieval']:6.1f} {families['ordering']:6.1f} "
+        print(f"{name:<30} {100 * scores['overall']:7.1f} {families['retrieval']:6.1f} {families['ordering']:6.1f} "
               f"{families['counting']:6.1f} {video:9.1f} "
               f"{'/'.join(f'{selected[f]:.1f}' for f in ('retrieval', 'ordering', 'counting')):>8}")
-    with_needles = [d for d in diagnostics if d["needle_groups"]]
-    summary = {
-        "needle_mass": statistics.fmean(d["needle_mass"] for d in with_needles),
-        "needle_share": statistics.fmean(d["needle_share"] for d in with_needles),
-        "top_group_is_needle": statistics.fmean(d["top_group_is_needle"] for d in with_needles),
-        "selected_needle_groups": sum(d["selected_needles"] for d in with_needles)
-        / max(1, sum(d["selected_groups"] for d in with_needles)),
-        "needles_selected": sum(d["selected_needles"] for d in with_needles)
-        / max(1, sum(d["needle_groups"] for d in with_needles)),
-    }
-    print(f"# probe (layer {attention.layer(lm.geometry.num_layers)}): attention mass on needle groups "
-          f"{summary['needle_mass']:.3f} vs their share of groups {summary['needle_share']:.3f}; top group is a "
-          f"needle in {summary['top_group_is_needle']:.2f} of samples; {summary['selected_needle_groups']:.3f} of "
-          f"selected groups hold a needle; {summary['needles_selected']:.3f} of needle groups selected")
+    probe = {}
+    for label, rows in diagnostics.items():
+        probe[label] = summary = probe_summary(rows)
+        print(f"# probe, {label}: attention mass on needle groups {summary['needle_mass']:.3f} vs their share "
+              f"of groups {summary['needle_share']:.3f}; top group a needle in {summary['top_group_is_needle']:.2f} "
+              f"of samples; {summary['selected_needle_groups']:.3f} of selected groups hold a needle; "
+              f"{summary['needles_selected']:.3f} of needle groups selected")
     if args.json:
         from duokit.io import atomic_write_text
 
-        atomic_write_text(args.json, json.dumps({"date": date, "command": command, "random_p": fraction,
-                                                 "settings": attention.settings(), "rows": table,
-                                                 "probe": summary, "probe_samples": diagnostics}, indent=1))
+        atomic_write_text(args.json, json.dumps({"date": date, "command": command, "random_p": random_p,
+                                                 "rows": table, "probe": probe},
+                                                indent=1))
     return 0
 
 

@@ -176,7 +176,7 @@ class Flex(Method):
             attention = question_attention(lm, low, layer, rows_from, PROBE_CHUNK).cpu()
         return select_tokens(attention, low.video_grids, high.video_grids, threshold=self.threshold, cell=self.cell,
                              budget=self.budget, selection=self.selection, random_p=self.random_p,
-                             generator=self.generator(sample))
+                             generator=self.generator(sample) if self.selection == "random" else None)
 
     def generator(self, sample: Any) -> torch.Generator:
         """The random control's draws: from `seed` and the sample (its frames and question), so a sample
