@@ -10,6 +10,7 @@ token of a temporal group showing it is in that layer's cache after the prefill 
 last segment). Counting and ordering need every needle.
 
     nice -n 10 python benchmarks/llamb_needle.py --json docs/methods/llamb_needle.json
+    python benchmarks/llamb_needle.py --no-baseline --segmentations uniform --json uniform.json   # one part
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7331, help="held-out seed (other documents use 123, 2612, 4242, 4343)")
     parser.add_argument("--memory", type=int, nargs="+", default=[16, 8])
     parser.add_argument("--segments", type=int, default=3)
+    parser.add_argument("--segmentations", nargs="*", default=["scene", "uniform"], choices=["scene", "uniform"])
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -65,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                    for index, raw in enumerate(sample.records(f"./videos/{sample.sample_id}.mp4"))]
         video, fps = sampled(sample.frames, sample.fps, args.frames)
         samples.append((sample, records, SampleInput(video, fps)))
-    rows = {"baseline": {}}
+    rows = {"baseline": {}} if args.baseline else {}
     for memory in args.memory:
-        for segmentation in ("scene", "uniform"):
+        for segmentation in args.segmentations:
             rows[f"{segmentation} M{memory}"] = {"segmentation": segmentation, "memory_tokens": memory,
                                                  "segments": args.segments}
     command = " ".join(["python", "benchmarks/llamb_needle.py", *map(shlex.quote, sys.argv[1:])])
