@@ -277,6 +277,13 @@ def test_bad_settings_are_refused():
     assert get_method("vamba", chunk_frames="none").chunk_frames is None  # --set chunk_frames=none
 
 
+def test_sliding_window_models_are_refused(monkeypatch):
+    model, _, adapter = tiny("qwen2_5_vl")
+    monkeypatch.setattr(adapter.text_config, "use_sliding_window", True, raising=False)
+    with pytest.raises(ValueError, match="this model uses sliding windows"), get_method("vamba").apply(model, adapter):
+        pass
+
+
 def test_attention_refuses_a_mask_and_an_impossible_chunk():
     query, key = torch.zeros(1, 4, 2, 16), torch.zeros(1, 2, 10, 16)
     with pytest.raises(ValueError, match="without padding"):
