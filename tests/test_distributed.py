@@ -135,9 +135,14 @@ def deterministic(record: dict) -> dict:
     return {**record, "cost": {k: v for k, v in (record.get("cost") or {}).items() if not measured(k)}}
 
 
-def assert_same_run(run: Path, reference: Path) -> None:
-    """Same records in the same order and the same scores as `reference`, no shard left behind."""
+def assert_same_run(run: Path, reference: Path, ordered: bool = True) -> None:
+    """Same records (in the same order, if `ordered`) and the same scores as `reference`, no shard left
+    behind. A single process appends what it redoes at the end of the file, so a run it resumed is only
+    the same up to order; a sharded run always leaves the single-process order."""
     ours, theirs = (list(iter_jsonl(r / "predictions.jsonl")) for r in (run, reference))
+    if not ordered:
+        position = {r["record_id"]: i for i, r in enumerate(theirs)}
+        ours = sorted(ours, key=lambda r: position.get(r["record_id"], len(position)))
     assert [deterministic(r) for r in ours] == [deterministic(r) for r in theirs]
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     assert summary["scores"] == expected["scores"]
@@ -258,7 +263,7 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_under_any_world_size(data
     assert main(cpu_eval_args(annotations, videos, again)) == 0
     all_samples = {r["sample_id"] for r in iter_jsonl(reference / "predictions.jsonl")}
     assert sorted(evaluated) == sorted(all_samples - done)
-    assert_same_run(again, reference)
+    assert_same_run(again, reference, ordered=False)
     assert set(logged) <= set((again / "predictions.jsonl").read_text().splitlines(keepends=True))
 
 
