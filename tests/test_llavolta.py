@@ -22,6 +22,7 @@ from duokit.io import iter_jsonl
 from duokit.methods import get_method
 from duokit.methods.llavolta import method as llavolta_method
 from duokit.methods.llavolta.pooling import aligned_bounds, pool_assignment, pool_positions, pooled_length
+from duokit.methods.preallocated import PreallocatedCache
 from duokit.metrics import kv_cache_bytes, plan_memory
 from duokit.models.base import TokenCounts
 
@@ -231,6 +232,7 @@ def test_planned_kv_bytes_equal_what_the_cache_holds(family, layer, stride):
     method = get_method("llavolta", layer=layer, stride=stride)
     lm, sample, geometry = LM(model, adapter), SampleInput(frames(), FPS), adapter.geometry
     assert geometry.dtype_bytes == 4
+    lm.decode_reserve = 3  # the engine reserves room for the longest try
     with method.apply(model, adapter), torch.no_grad():
         raw = lm.embed(sample)
         counts = raw.token_counts  # the estimate sees the grids, as the memory planner does (no vision tower)
@@ -240,6 +242,8 @@ def test_planned_kv_bytes_equal_what_the_cache_holds(family, layer, stride):
         cache = method.prefill(lm, prefix, method.new_cache(lm, prefix), chunk_size=9)
         prefix_bytes = kv_cache_bytes(cache)
         assert prefix_bytes == method.estimate_kv_bytes(geometry, counts)
+        if isinstance(cache, PreallocatedCache):  # pooled layers are allocated for the pooled tokens only
+            assert cache.reserved_bytes() == prefix_bytes + 2 * 2 * 2 * 16 * 4 * lm.decode_reserve
         twin = copy.deepcopy(cache)
         suffix = adapter.suffix_ids(PROMPTS[0], True)
         step = {"input_ids": suffix, "position_ids": adapter.positions(prefix.next_position, suffix.shape[1]),

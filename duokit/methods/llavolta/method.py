@@ -42,6 +42,7 @@ from duokit.methods.llavolta.pooling import (
     pool_rows,
     pooled_length,
 )
+from duokit.methods.preallocated import PreallocatedCache
 
 # The language-model keyword carrying one prefill chunk's pooling plan to the decoder-layer hooks.
 CHUNK_KWARG = "duokit_llavolta_chunk"
@@ -120,9 +121,15 @@ class LLaVolta(Method):
         return pool_prefix(prefix, self._assignment(prefix), self.positions)
 
     def prefill(self, lm: Any, prefix: Any, cache: Any, chunk_size: int) -> Any:
-        if self.pool_layer(lm.geometry.num_layers) == 0:  # pooled in prepare_prefix
+        layer = self.pool_layer(lm.geometry.num_layers)
+        if layer == 0:  # pooled in prepare_prefix
             return lm.prefill(prefix, cache, chunk_size)
         assignment = self._assignment(prefix)
+        if isinstance(cache, PreallocatedCache) and cache.get_seq_length() == 0:
+            # The default cache sizes every layer for the whole prefix; layers >= K hold only the pooled
+            # tokens, so they are sized for those (else the memory pooling saves is allocated anyway).
+            for pooled_layer in cache.layers[layer:]:
+                pooled_layer.capacity = int(assignment[-1]) + 1 + pooled_layer.reserve
         rotary = lm.rotary
 
         def chunk_kwargs(start: int, end: int) -> dict[str, ChunkPlan]:
