@@ -131,22 +131,33 @@ def measured(key: str) -> bool:
     return key.endswith(("_s", "_s_per_token")) or key.startswith("peak_memory")
 
 
-def deterministic(record: dict) -> dict:
-    return {**record, "cost": {k: v for k, v in (record.get("cost") or {}).items() if not measured(k)}}
+# The KV peak of tries decoded together grows with their number: a sample whose missing tries were redone
+# alone has a smaller (correctly measured and planned) peak than when all 4 ran together.
+TRIES_TOGETHER_COSTS = ("kv_bytes_peak", "kv_bytes_planned")
 
 
-def assert_same_run(run: Path, reference: Path, ordered: bool = True) -> None:
+def deterministic(record: dict, partly_redone: bool = False) -> dict:
+    def kept(key: str) -> bool:
+        return not measured(key) and not (partly_redone and key.removesuffix("_max") in TRIES_TOGETHER_COSTS)
+
+    return {**record, "cost": {k: v for k, v in (record.get("cost") or {}).items() if kept(k)}}
+
+
+def assert_same_run(run: Path, reference: Path, ordered: bool = True, partly_redone: frozenset = frozenset()) -> None:
     """Same records (in the same order, if `ordered`) and the same scores as `reference`, no shard left
     behind. A single process appends what it redoes at the end of the file, so a run it resumed is only
-    the same up to order; a sharded run always leaves the single-process order."""
+    the same up to order; a sharded run always leaves the single-process order. `partly_redone`: samples
+    of which only some tries were redone (their KV peak counts fewer tries decoded together)."""
     ours, theirs = (list(iter_jsonl(r / "predictions.jsonl")) for r in (run, reference))
     if not ordered:
         position = {r["record_id"]: i for i, r in enumerate(theirs)}
         ours = sorted(ours, key=lambda r: position.get(r["record_id"], len(position)))
-    assert [deterministic(r) for r in ours] == [deterministic(r) for r in theirs]
+    assert ([deterministic(r, r["sample_id"] in partly_redone) for r in ours]
+            == [deterministic(r, r["sample_id"] in partly_redone) for r in theirs])
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     assert summary["scores"] == expected["scores"]
-    assert deterministic(summary)["cost"] == deterministic(expected)["cost"]
+    assert (deterministic(summary, bool(partly_redone))["cost"]
+            == deterministic(expected, bool(partly_redone))["cost"])
     assert summary["config"] == expected["config"]
     assert shard_paths(run) == []
 
@@ -238,6 +249,7 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_under_any_world_size(data
     logged = [line for shard in lines.values() for line in shard]
     tries = Counter(json.loads(line)["sample_id"] for line in logged)
     done = {sample for sample, count in tries.items() if count == 4}  # rank 0 may be stopped mid-sample
+    partial = frozenset(tries) - done
     again = tmp_path / "again"
     shutil.copytree(run, again)
 
@@ -246,7 +258,7 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_under_any_world_size(data
     resumed = launch(cpu_eval_args(annotations, videos, run), processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert {todo for _, _, todo in samples_per_rank(resumed.stderr)} == {4 - len(done)}
-    assert_same_run(run, reference)
+    assert_same_run(run, reference, partly_redone=partial)
     assert set(logged) <= set((run / "predictions.jsonl").read_text().splitlines(keepends=True))
 
     # Resumed by a plain single process (another world size): the shards count as done too.
@@ -263,7 +275,7 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_under_any_world_size(data
     assert main(cpu_eval_args(annotations, videos, again)) == 0
     all_samples = {r["sample_id"] for r in iter_jsonl(reference / "predictions.jsonl")}
     assert sorted(evaluated) == sorted(all_samples - done)
-    assert_same_run(again, reference, ordered=False)
+    assert_same_run(again, reference, ordered=False, partly_redone=partial)
     assert set(logged) <= set((again / "predictions.jsonl").read_text().splitlines(keepends=True))
 
 
@@ -282,7 +294,7 @@ def test_a_single_process_run_resumes_under_two_processes(dataset, tmp_path):
     result = launch(cpu_eval_args(annotations, videos, run), processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert samples_per_rank(result.stderr) == [(0, 1, 2), (1, 1, 2)]
-    assert_same_run(run, reference)
+    assert_same_run(run, reference, partly_redone=frozenset({"h0_ret_edit1"}))
     assert set(kept) <= set((run / "predictions.jsonl").read_text().splitlines(keepends=True))
 
 
