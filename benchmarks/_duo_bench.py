@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -191,3 +195,15 @@ def run_record(argv: list[str]) -> dict:
     return {"command": " ".join(["python", *sys.argv[:1], *argv]),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch_threads": torch.get_num_threads(), "allocator": allocator(), "torch": torch.__version__}
+
+
+def run_memory_worker(script: str, argv: list[str], variant: str, length: int) -> dict:
+    """Run `script` in a fresh process for one (variant, length) memory measurement; its last stdout line
+    is the JSON row. glibc serves allocations >= 64 KiB with mmap and returns them on free, so RSS follows
+    the live tensors instead of what the heap allocator keeps after a free (mallopt(3), M_MMAP_THRESHOLD)."""
+    command = [sys.executable, script, *argv, "--variant", variant, "--worker-length", str(length)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{variant} at {length} tokens failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,17 +48,6 @@ def measure(args: argparse.Namespace) -> dict:
             "weights_bytes": sum(p.nbytes for p in model.parameters())}
 
 
-def run_worker(argv: list[str], variant: str, length: int) -> dict:
-    command = [sys.executable, __file__, *argv, "--variant", variant, "--worker-length", str(length)]
-    # glibc serves allocations >= 64 KiB with mmap and returns them on free, so RSS follows the live
-    # tensors instead of what the heap allocator keeps after a free (mallopt(3), M_MMAP_THRESHOLD).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{variant} at {length} tokens failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_model_arguments(parser)
@@ -81,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'peak stock MiB':>14} {'peak base MiB':>13} {'peak duo MiB':>12} {'peak ratio':>10}")
     rows = []
     for length in args.lengths:
-        stock, base, duo = (run_worker(passthrough, variant, length) for variant in ("stock", "baseline", "duo"))
+        stock, base, duo = (bench.run_memory_worker(__file__, passthrough, variant, length) for variant in ("stock", "baseline", "duo"))
         exact = all(row["kv_bytes"] == row["formula_bytes"] for row in (stock, base, duo))
         rows.append({"stock": stock, "baseline": base, "duo": duo, "formula_exact": exact})
         print(f"{duo['tokens']:>7} {base['kv_bytes'] / mib:>11.1f} {duo['kv_bytes'] / mib:>10.1f} "

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,16 +70,6 @@ def measure(args: argparse.Namespace) -> dict:
             "weights_bytes": sum(p.nbytes for p in model.parameters())}
 
 
-def run_worker(argv: list[str], variant: str, length: int) -> dict:
-    command = [sys.executable, __file__, *argv, "--variant", variant, "--worker-length", str(length)]
-    # glibc serves allocations >= 64 KiB with mmap and returns them on free (mallopt(3), M_MMAP_THRESHOLD).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"{variant} at {length} tokens failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_model_arguments(parser)
@@ -113,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ("llamb", "baseline"):
             if variant == "baseline" and length > args.baseline_max:
                 continue
-            row = run_worker(passthrough, variant, length)
+            row = bench.run_memory_worker(__file__, passthrough, variant, length)
             rows.append(row)
             exact = row["kv_bytes_peak"] == row["kv_bytes_planned"]
             print(f"{length:>7} {variant:>8} {row['kv_bytes_peak'] / mib:>11.1f} {'exact' if exact else 'MISMATCH':>8} "
