@@ -245,7 +245,8 @@ def run_cell(config: AblationConfig, cell: Cell, out: Path, annotations: Path, v
     return run_eval(annotations, videos, cell.frames, out / cell.folder, model=config.model, method=cell.method,
                     settings=cell.settings, per_task=config.per_task, seed=config.seed,
                     chunk_size=config.chunk_size, dtype=config.dtype, device=config.device,
-                    max_pixels=cell.max_pixels or config.max_pixels, min_pixels=config.min_pixels)
+                    max_pixels=cell.max_pixels or config.max_pixels, min_pixels=config.min_pixels,
+                    decode_tries=config.decode_tries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def dry_run(config: AblationConfig | str | Path | dict, out: str | Path, probe: 
             continue
         adapter.set_pixel_limits(cell.max_pixels or config.max_pixels, config.min_pixels)
         memory = plan_memory(model, adapter, get_method(cell.method, **cell.settings), cell.frames, height, width,
-                             chunk_size=config.chunk_size)
+                             chunk_size=config.chunk_size, tries=4 if config.decode_tries == "together" else 1)
         lines.append(f"{line}  KV {memory.kv_bytes / 2**20:9.3f} MiB  total {memory.total_bytes / 2**30:7.2f} GiB")
     if per_sample is not None:
         total = per_sample * len(shape.samples) * len(cells)

@@ -19,6 +19,8 @@ TOP_KEYS = {"model": "a hub id, local directory, `needlenet` or tiny:<family>",
             "seed": "seed of the per-task subset", "dtype": "auto | float32 | float16 | bfloat16",
             "device": "auto | cpu | cuda", "max_pixels": "pixels per frame (Qwen-VL; null: duokit's default)",
             "min_pixels": "pixels per frame small frames are resized up to", "chunk_size": "prefill chunk (tokens)",
+            "decode_tries": "one_by_one (default: every cell holds one try's suffix at a time, so KV peaks and "
+                            "decode times compare) | together (faster where a method batches the tries)",
             "reference": "the row whose cell is the full budget (default: the first baseline row)",
             "prepare": "{duo_gates: {steps, sink, recent, ...}}: trained once, used as `@duo_gates`",
             "rows": "the list of rows"}
@@ -85,6 +87,7 @@ class AblationConfig:
     max_pixels: int | None = None
     min_pixels: int | None = None
     chunk_size: int | None = None
+    decode_tries: str = "one_by_one"
     reference: str = ""
     prepare: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: tuple[str, ...] = ()  # optional rows whose method is not registered
@@ -165,10 +168,19 @@ def parse_config(raw: Any, source: str = "config") -> AblationConfig:
         seed=_integer(raw.get("seed", 0), "seed", fail, minimum=0), dtype=str(raw.get("dtype", "auto")),
         device=str(raw.get("device", "auto")), max_pixels=_optional_int(raw, "max_pixels", fail),
         min_pixels=_optional_int(raw, "min_pixels", fail), chunk_size=_optional_int(raw, "chunk_size", fail),
-        reference=reference, prepare=prepare, skipped=tuple(skipped), source=source)
+        decode_tries=_decode_tries(raw, fail), reference=reference, prepare=prepare, skipped=tuple(skipped), source=source)
     for row in rows:  # the settings each cell will get are checked now, not after hours of other cells
         check_row_settings(row, fail)
     return config
+
+
+def _decode_tries(raw: dict, fail) -> str:
+    from duokit.eval_command import DECODE_TRIES
+
+    value = raw.get("decode_tries", "one_by_one")
+    if value not in DECODE_TRIES:
+        raise fail("decode_tries", f"must be one of {', '.join(DECODE_TRIES)}, got {value!r}")
+    return value
 
 
 def _known(mapping: dict, keys: dict, where: str, fail) -> None:

@@ -198,10 +198,12 @@ def count_layer_tokens(layers: Sequence[torch.nn.Module]) -> Iterator[list[int]]
 
 def answer_tries(lm: LM, method: Any, sample: SampleInput, tries: Sequence[Try | str],
                  chunk_size: int = DEFAULT_CHUNK_SIZE, max_new_tokens: int = MAX_NEW_TOKENS,
-                 keep_logits: bool = False) -> SampleAnswers:
+                 keep_logits: bool = False, tries_together: bool = True) -> SampleAnswers:
     """Answer `tries` (a `Try`, or a prompt string) about one shared prefix: `sample`'s video and/or
     text context. Must run inside `with method.apply(lm.model, lm.adapter):`. Returns the answers (with
-    each step's logits if `keep_logits`) and the sample's costs (docs/metrics.md).
+    each step's logits if `keep_logits`) and the sample's costs (docs/metrics.md). `tries_together=False`
+    decodes the tries one by one even where the method could batch them (same tokens; one suffix held at
+    a time, as every method that cannot batch them holds it).
     """
     method.check_applied(lm.model)
     tries = [t if isinstance(t, Try) else Try(t) for t in tries]
@@ -215,7 +217,7 @@ def answer_tries(lm: LM, method: Any, sample: SampleInput, tries: Sequence[Try |
         for question, indices in groups.items():
             view = replace(sample, question=question)
             group_answers, cost = _answer_group(lm, method, view, [tries[i] for i in indices], chunk_size,
-                                                max_new_tokens, keep_logits)
+                                                max_new_tokens, keep_logits, tries_together)
             for index, answer in zip(indices, group_answers):
                 answers[index] = answer
             costs.append(cost)
@@ -240,7 +242,8 @@ ADDITIVE_COSTS = ("vision_s", "prefill_s", "attention_flops", "mlp_flops", "visu
 
 
 def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], chunk_size: int,
-                  max_new_tokens: int, keep_logits: bool) -> tuple[list[TryAnswer], dict[str, Any]]:
+                  max_new_tokens: int, keep_logits: bool,
+                  tries_together: bool) -> tuple[list[TryAnswer], dict[str, Any]]:
     """The tries sharing one prefix: embed, prepare, prefill once, then each try on the restored prefix."""
     vision, prefill_watch = Stopwatch(lm.device), Stopwatch(lm.device)
     lm.kv_bytes_peak = 0
@@ -250,7 +253,7 @@ def _answer_group(lm: LM, method: Any, sample: SampleInput, tries: list[Try], ch
     prefix = method.prepare_prefix(prefix, sample, lm)
     with_video = sample.frames is not None
     suffixes = [lm.adapter.suffix_ids(t.prompt, with_video, sample.context, sample.question) for t in tries]
-    together = (method.decodes_tries_together and not keep_logits and len(suffixes) > 1
+    together = (tries_together and method.decodes_tries_together and not keep_logits and len(suffixes) > 1
                 and full_attention_only(lm.adapter.text_config))
     # Decoded together, the tries write into the batch's own buffers, not after the prefilled prefix.
     lm.decode_reserve = 0 if together else max(suffix.shape[1] for suffix in suffixes) + max_new_tokens

@@ -29,6 +29,10 @@ RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_
 # read here, so `--help` stays free of torch.
 SETTING_SHORTCUTS = ("pattern", "sparsity", "sink", "recent")
 
+# How a question's tries (option orders) are decoded; not part of RUN_IDENTITY: the tokens are equal either
+# way, only the memory held and the decode time differ (docs/decoding.md).
+DECODE_TRIES = ("together", "one_by_one")
+
 
 def register(subparsers) -> None:
     from duokit.data.scoring import PARSERS
@@ -59,6 +63,9 @@ def register(subparsers) -> None:
                         help="answer parser (docs/scoring.md; default: the model's own, e.g. text for needlenet, "
                              "else official)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-tries", choices=DECODE_TRIES, default="together",
+                        help="together: a question's option orders decode as one batch where the method supports "
+                             "it (faster; holds one suffix per try); one_by_one: one at a time (default: together)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on sm80+; fp32 on CPU; on T4 fp16, fp32 for Qwen-VL) | float32 | float16 "
                              "| bfloat16; the run records the resolved dtype")
@@ -190,7 +197,7 @@ def summarize_cost(records: list[dict]) -> dict:
 
 def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, num_frames: int,
                     parser: str = "official", chunk_size: int | None = None, max_new_tokens: int | None = None,
-                    skip: set[str] | frozenset = frozenset()) -> list[dict]:
+                    skip: set[str] | frozenset = frozenset(), tries_together: bool = True) -> list[dict]:
     """Prediction records (duokit.data.scoring) for the tries of VNBench `sample` not in `skip` (record ids).
 
     A video that cannot be found or decoded, a sample that runs out of GPU memory, or NaN/inf logits give
@@ -218,7 +225,7 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
         result = answer_tries(lm, method, SampleInput(video.frames, sampled_fps(video.timestamps, video.fps)),
                               [Try(record.prompt, question_part(record.question)) for record in tries],
                               chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                              max_new_tokens=max_new_tokens or MAX_NEW_TOKENS)
+                              max_new_tokens=max_new_tokens or MAX_NEW_TOKENS, tries_together=tries_together)
     except (VideoError, OSError, torch.OutOfMemoryError, NonFiniteLogits) as err:
         if isinstance(err, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
@@ -236,11 +243,14 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
              method: str = "baseline", settings: dict[str, Any] | None = None, per_task: int | None = None,
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
              device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
-             min_pixels: int | None = None, attn_implementation: str = "auto", world: Any = None) -> dict:
+             min_pixels: int | None = None, attn_implementation: str = "auto", world: Any = None,
+             decode_tries: str = "together") -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
     settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
-    `duokit.models.load_vlm`). `world` (a `duokit.distributed.World`; default: this process's, from
+    `duokit.models.load_vlm`). `decode_tries`: `together` (the 4 option orders as one batch where the
+    method supports it, docs/decoding.md) or `one_by_one` (one suffix held at a time: the memory and
+    decode time every method pays alike; `duokit ablate` uses it). `world` (a `duokit.distributed.World`; default: this process's, from
     `accelerate launch`) decides who does which samples: `current_world().alone()` runs the whole run in
     this process of a launched job (`duokit ablate` spreading whole cells over the processes).
 
@@ -267,6 +277,9 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
             raise ValueError(f"{name} must be >= 1, got {value}")
     if parser not in PARSERS:
         raise ValueError(f"unknown parser {parser!r}; known: {', '.join(PARSERS)}")
+    if decode_tries not in DECODE_TRIES:
+        raise ValueError(f"decode_tries must be one of {', '.join(DECODE_TRIES)}, got {decode_tries!r}")
+    tries_together = decode_tries == "together"
     if not Path(videos).is_dir():
         raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
     method_instance = get_method(method, **(settings or {}))
@@ -286,7 +299,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         "seed": seed, "parser": parser, "max_new_tokens": max_new_tokens,
         "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": device_kind(device),
         "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "min_pixels": min_pixels,
-        "attn_implementation": attn_implementation,
+        "attn_implementation": attn_implementation, "decode_tries": decode_tries,
         "samples": [sample.sample_id for sample in samples], "versions": versions(),
     })
     order = [record.record_id for sample in samples for record in sample.tries]
@@ -311,7 +324,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
 
             def plan(height, width):
                 return plan_memory(vlm, adapter, method_instance, frames, height, width, chunk_size=chunk_size,
-                                   max_new_tokens=max_new_tokens)
+                                   max_new_tokens=max_new_tokens, tries=4 if tries_together else 1)
 
             largest = plan(*largest_frame_size(todo, videos, sizes))
             if world.is_main:
@@ -329,7 +342,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
             lm = LM(vlm, adapter)
             for count, sample in enumerate(bar, start=1):
                 records = evaluate_sample(lm, method_instance, sample, videos, frames, parser, chunk_size,
-                                          max_new_tokens, skip=log.done)
+                                          max_new_tokens, skip=log.done, tries_together=tries_together)
                 for record in records:
                     shard.append(record)
                 correct = sum(r["correct"] for r in shard.records)
@@ -357,7 +370,8 @@ def run(args: argparse.Namespace) -> int:
                            per_task=args.per_task, seed=args.seed, chunk_size=args.chunk_size,
                            parser=args.parser, dtype=args.dtype, device=args.device,
                            max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
-                           min_pixels=args.min_pixels, attn_implementation=args.attn_implementation)
+                           min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
+                           decode_tries=args.decode_tries)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1

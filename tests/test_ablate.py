@@ -73,6 +73,19 @@ def test_every_cell_is_an_eval_run_and_the_results_are_written(ablation):
         assert (out / "plots" / f"{name}.png").read_bytes().startswith(PNG)
 
 
+def test_every_cell_decodes_the_tries_one_by_one_so_kv_peaks_compare(ablation):
+    # The baseline could batch its 4 tries (4 suffixes held beside the prefix); in an ablation it holds one
+    # try's suffix at a time like every method, so its KV peak is prefix + one suffix, as planned.
+    out, _ = ablation
+    for cell in CELLS:
+        assert read_json(out / cell / "config.json")["decode_tries"] == "one_by_one"
+    for record in iter_jsonl(out / "cells/baseline/settings/predictions.jsonl"):
+        cost = record["cost"]
+        assert cost["kv_bytes_peak"] == cost["kv_bytes_planned"]
+        longest_try = (cost["kv_bytes_peak"] - cost["kv_bytes"]) / (cost["kv_bytes"] / cost["prefix_tokens"])
+        assert 0 < longest_try < 100  # one suffix + new tokens, not four
+
+
 def test_budgets_map_to_each_methods_knob_and_are_measured(ablation):
     out, results = ablation
     cells = {f"{c['row']}/{c['cell']}": c for c in results["cells"]}
@@ -207,6 +220,7 @@ def edit(change):
     (edit(lambda r: r["rows"][1].update(draws={"seed": 3})), r"draws: expected \{SETTING: \[value"),
     (edit(lambda r: r.update(reference="drop")), "reference: row 'drop' has several cells"),
     (edit(lambda r: r.update(prepare={"gates": {}})), "prepare.gates: unknown preparation"),
+    (edit(lambda r: r.update(decode_tries="batched")), "decode_tries: must be one of together, one_by_one"),
 ])
 def test_bad_configs_are_one_clear_error(raw, message):
     with pytest.raises(AblationConfigError, match=message):

@@ -84,3 +84,17 @@ def test_the_engine_decodes_the_baselines_tries_together_unless_asked_for_exact_
     longest = max(adapter.suffix_ids(t.prompt, True).shape[1] for t in TRIES)
     per_token = cost["kv_bytes"] // cost["prefix_tokens"]
     assert cost["kv_bytes_peak"] == cost["kv_bytes_planned"] == cost["kv_bytes"] + per_token * 4 * (longest + 4)
+
+
+def test_tries_together_can_be_turned_off_same_tokens_one_suffix_held():
+    model, _, adapter = tiny("qwen2_5_vl")
+    method, lm, sample = get_method("baseline"), LM(model, adapter), sample_for(adapter)
+    with method.apply(model, adapter):
+        together = answer_tries(lm, method, sample, TRIES, chunk_size=16)
+        one_by_one = answer_tries(lm, method, sample, TRIES, chunk_size=16, tries_together=False)
+    assert [a.tokens for a in one_by_one.answers] == [a.tokens for a in together.answers]
+    longest = max(adapter.suffix_ids(t.prompt, True).shape[1] for t in TRIES)
+    per_token = together.cost["kv_bytes"] // together.cost["prefix_tokens"]
+    held = one_by_one.cost
+    assert held["kv_bytes_peak"] == held["kv_bytes_planned"] <= held["kv_bytes"] + per_token * (longest + 4)
+    assert held["kv_bytes_peak"] < together.cost["kv_bytes_peak"]
