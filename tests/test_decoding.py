@@ -191,6 +191,67 @@ def test_duo_streaming_buffer_is_allocated_once_written_in_place_and_planned(tmp
             assert all(torch.equal(layer.streaming_keys, keys) for layer, keys in zip(cache.layers, prefilled))
 
 
+def positions_as_tokens(first: int, count: int) -> torch.Tensor:
+    """Keys/values of 2 KV heads (head 0 retrieval, head 1 streaming) whose one feature is the position."""
+    return torch.arange(first, first + count, dtype=torch.float32).view(1, 1, count, 1).expand(1, 2, count, 1)
+
+
+@pytest.mark.parametrize("sink,recent", [(2, 4), (0, 3), (3, 0), (5, 40)])
+def test_duo_streaming_ring_holds_exactly_each_querys_window(sink, recent):
+    """Tokens whose value is their position, fed in chunks of 1 and more: a decode step's streaming keys
+    are exactly its window (sink + the `recent` tokens before it + itself, each once), a chunk's are the
+    cached window + the chunk in position order, and the buffer is allocated once."""
+    from duokit.methods.duo.cache import DuoLayer, HeadPlan
+
+    layer = DuoLayer(HeadPlan((0,), (1,), sink, recent))
+    past, address = 0, None
+    for count in [1, 1, 3, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 50, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1]:
+        keys, values = layer.update(positions_as_tokens(past, count), positions_as_tokens(past, count) + 0.5)
+        streaming = keys.streaming[0, 0, :, 0].tolist()
+        assert [v - 0.5 for v in values.streaming[0, 0, :, 0].tolist()] == streaming
+        assert keys.retrieval[0, 0, :, 0].tolist() == list(range(past + count))
+        cached = list(range(min(past, sink))) + list(range(max(sink, past - recent), past))
+        if count == 1:  # the window of the query at `past`, in ring order
+            assert sorted(streaming) == [j for j in range(past + 1) if j < sink or past - j <= recent]
+        else:  # position order; entry i >= sink is the token at i + offset
+            assert streaming == cached + list(range(past, past + count))
+            assert all(position == (i if i < sink else i + keys.streaming_offset)
+                       for i, position in enumerate(streaming[:len(cached)]))
+        past += count
+        buffer = layer.storage["streaming_keys"]
+        assert buffer.shape[-2] == sink + recent + 1 and (address is None or buffer.data_ptr() == address)
+        address = buffer.data_ptr()
+        assert layer.streaming_keys.shape[-2] == min(past, sink + recent + 1)
+
+
+@pytest.mark.parametrize("sink,recent", [(2, 4), (3, 10)])
+@pytest.mark.parametrize("prefix_length", [5, 14, 40])
+@pytest.mark.parametrize("reserve", [0, 1, 3, 11, 30])
+def test_duo_restorer_saves_exactly_the_prefix_slots_a_try_overwrites(sink, recent, prefix_length, reserve):
+    from duokit.methods.duo.cache import DuoCache, HeadPlan, duo_restore_kv_bytes
+
+    plan = HeadPlan((0,), (1,), sink, recent)
+    cache = DuoCache([plan], prefix_length + reserve, reserve)
+    cache.update(positions_as_tokens(0, prefix_length), positions_as_tokens(0, prefix_length), 0)
+    layer = cache.layers[0]
+    prefilled = layer.streaming_keys.clone()
+    restore = cache.prefix_restorer()
+    assert restore.nbytes == duo_restore_kv_bytes([plan], 1, prefix_length, reserve, 4)
+    longest = reserve or 2 * (sink + recent + 1)  # reserve 0: any length
+    for length in range(1, longest + 1):  # tries of every length up to the reserve: a suffix, then steps
+        restore()
+        assert torch.equal(layer.streaming_keys, prefilled) and layer.get_seq_length() == prefix_length
+        suffix = max(1, length // 2)
+        cache.update(positions_as_tokens(prefix_length, suffix), positions_as_tokens(prefix_length, suffix), 0)
+        for position in range(prefix_length + suffix, prefix_length + length):
+            cache.update(positions_as_tokens(position, 1), positions_as_tokens(position, 1), 0)
+    # The longest try overwrote exactly the saved slots (K and V, 1 head, 1 feature, float32): none is saved in vain.
+    overwritten = (layer.storage["streaming_keys"][..., :prefilled.shape[-2], :] != prefilled).sum().item()
+    assert restore.nbytes == 2 * 4 * overwritten
+    restore()
+    assert torch.equal(layer.streaming_keys, prefilled) and layer.get_seq_length() == prefix_length
+
+
 def test_planner_counts_one_cache_and_what_restoring_keeps(tmp_path):
     model, _, adapter = tiny("qwen2_5_vl")
     method = duo(tmp_path, 0.5)
