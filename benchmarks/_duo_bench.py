@@ -154,17 +154,12 @@ def filled_cache(model, method, kind: str, length: int, reserve: int, seed: int 
 
 def bytes_moved_per_step(cache, kind: str, weights: int) -> int:
     """Bytes a decode step reads or writes: the weights, the KV attention reads, and what the cache
-    writes to append (DynamicCache: `torch.cat` reads and rewrites the whole KV; preallocated: one token;
-    duo's streaming heads: the cat + evict of their sink + recent window, ~4 passes, + the read)."""
+    writes to append (DynamicCache: `torch.cat` reads and rewrites the whole KV; preallocated, and duo's
+    retrieval heads and streaming ring alike: one token written in place)."""
     from duokit.metrics import kv_cache_bytes
 
     kv = kv_cache_bytes(cache)
-    if kind == "dynamic":
-        return weights + 3 * kv
-    if kind == "preallocated":
-        return weights + kv
-    streaming = sum(layer.streaming_keys.nbytes + layer.streaming_values.nbytes for layer in cache.layers)
-    return weights + (kv - streaming) + 5 * streaming
+    return weights + (3 * kv if kind == "dynamic" else kv)
 
 
 def allocator() -> dict:

@@ -247,8 +247,8 @@ def plan_memory(model: Any, adapter: Any, method: Any, num_frames: int,
     try_counts = TokenCounts(held - video_tokens, video_tokens, prefix_counts.video_grids)
     # One cache per sample: each try restores the prefix in place (plus what the method keeps to do so),
     # or the tries decode together, each with its own suffix buffer beside the one prefix.
-    kv = planned_kv_bytes(adapter, method, try_counts) + method.estimate_restore_kv_bytes(adapter.geometry,
-                                                                                         prefix_counts)
+    kv = planned_kv_bytes(adapter, method, try_counts) + method.estimate_restore_kv_bytes(
+        adapter.geometry, prefix_counts, suffix_tokens + max_new_tokens)
     config = adapter.text_config
     chunk = min(chunk_size, prefix_tokens)
     device = model.device if device is None else torch.device(device)

@@ -120,7 +120,7 @@ def test_duo_restorer_keeps_the_prefilled_streaming_window(tmp_path):
         prefix = method.prepare_prefix(lm.embed(SampleInput(None, None, CONTEXT)), None, lm)
         cache = method.prefill(lm, prefix, method.new_cache(lm, prefix), 16)
         windows = [(layer.streaming_keys.clone(), layer.keys.clone()) for layer in cache.layers]
-        restore = method.prefix_restorer(cache)
+        restore = method.prefix_restorer(cache)  # the reserve is unknown (0): it saves every ring slot
         suffix = adapter.suffix_ids(TRIES[0].prompt, False, CONTEXT)
         lm.forward(restore(), adapter.positions(prefix.next_position, suffix.shape[1]), input_ids=suffix)
         mixed = next(i for i, layer in enumerate(cache.layers) if layer.plan.streaming_heads)
@@ -131,8 +131,125 @@ def test_duo_restorer_keeps_the_prefilled_streaming_window(tmp_path):
         assert layer.get_seq_length() == prefix.num_tokens
     geometry = adapter.geometry
     streaming_heads = sum(len(layer.plan.streaming_heads) for layer in cache.layers)
-    assert method.estimate_restore_kv_bytes(geometry, TokenCounts(prefix.num_tokens)) == (
-        2 * streaming_heads * (2 + 4) * geometry.head_dim * geometry.dtype_bytes)
+    assert restore.nbytes == method.estimate_restore_kv_bytes(geometry, TokenCounts(prefix.num_tokens)) == (
+        2 * streaming_heads * (4 + 1) * geometry.head_dim * geometry.dtype_bytes)
+
+
+@pytest.mark.parametrize("recent", [4, 200])
+def test_duo_streaming_buffer_is_allocated_once_written_in_place_and_planned(tmp_path, recent):
+    """sink 2 + recent 4: a ring of 5 slots that wraps several times within each try; recent 200: a ring
+    longer than a try, so the restorer saves only the slots a try of `reserve` tokens reaches. The
+    buffers keep their storage, hold exactly the planned bytes, and the restorer saves what it plans."""
+    method = duo(tmp_path, 0.5, sink=2, recent=recent)
+    model, _, adapter = tiny("llama")
+    lm, geometry = LM(model, adapter), adapter.geometry
+    suffix = adapter.suffix_ids(TRIES[0].prompt, False, CONTEXT)
+    new_tokens = 12
+    lm.decode_reserve = reserve = suffix.shape[1] + new_tokens
+    with method.apply(model, adapter):
+        prefix = method.prepare_prefix(lm.embed(SampleInput(None, None, CONTEXT)), None, lm)
+        cache = method.prefill(lm, prefix, method.new_cache(lm, prefix), 16)
+        # The allocation is the planned peak: prefix + reserve tokens (streaming heads: sink + recent + 1).
+        assert cache.reserved_bytes() == method.estimate_kv_bytes(geometry, TokenCounts(prefix.num_tokens + reserve))
+        prefilled = [layer.streaming_keys.clone() for layer in cache.layers]
+        buffers = [(layer.storage["streaming_keys"], layer.storage["streaming_values"]) for layer in cache.layers]
+        addresses = [(keys.data_ptr(), values.data_ptr()) for keys, values in buffers]
+        restore = method.prefix_restorer(cache)
+        whole_ring = method.estimate_restore_kv_bytes(geometry, TokenCounts(prefix.num_tokens))  # reserve unknown
+        assert restore.nbytes == method.estimate_restore_kv_bytes(geometry, TokenCounts(prefix.num_tokens), reserve)
+        assert (0 < restore.nbytes < whole_ring) if recent + 1 > reserve else restore.nbytes == whole_ring
+        tries = []
+        for _ in range(2):  # two tries of the same suffix: the second starts from the restored prefix
+            length = prefix.num_tokens + suffix.shape[1]
+            restore()
+            assert all(torch.equal(layer.streaming_keys, keys) for layer, keys in zip(cache.layers, prefilled))
+            hidden = lm.forward(cache, adapter.positions(prefix.next_position, suffix.shape[1]), input_ids=suffix)
+            tries.append([])
+            for step in range(new_tokens - 1):
+                assert kv_cache_bytes(cache) == method.estimate_kv_bytes(geometry, TokenCounts(length))
+                tries[-1].append(lm.next_token_logits(hidden))
+                token = tries[-1][-1].argmax().view(1, 1)
+                hidden = lm.forward(cache, adapter.positions(prefix.next_position + suffix.shape[1] + step, 1),
+                                    input_ids=token)
+                length += 1
+                assert [(k.data_ptr(), v.data_ptr()) for k, v in buffers] == addresses  # written in place
+            assert [(layer.storage["streaming_keys"].data_ptr(), layer.storage["streaming_values"].data_ptr())
+                    for layer in cache.layers] == addresses  # never reallocated
+        assert torch.equal(torch.stack(tries[0]), torch.stack(tries[1]))
+        # A try longer than the reserve: with the whole ring saved the restore is still exact; with part
+        # of it, the try overwrote slots nobody saved, and restoring refuses instead of lying.
+        for _ in range(2):
+            token = lm.next_token_logits(hidden).argmax().view(1, 1)
+            hidden = lm.forward(cache, adapter.positions(prefix.next_position + length - prefix.num_tokens, 1),
+                                input_ids=token)
+            length += 1
+        if recent + 1 > reserve:
+            with pytest.raises(RuntimeError, match="larger reserve"):
+                restore()
+        else:
+            restore()
+            assert all(torch.equal(layer.streaming_keys, keys) for layer, keys in zip(cache.layers, prefilled))
+
+
+def positions_as_tokens(first: int, count: int) -> torch.Tensor:
+    """Keys/values of 2 KV heads (head 0 retrieval, head 1 streaming) whose one feature is the position."""
+    return torch.arange(first, first + count, dtype=torch.float32).view(1, 1, count, 1).expand(1, 2, count, 1)
+
+
+@pytest.mark.parametrize("sink,recent", [(2, 4), (0, 3), (3, 0), (5, 40)])
+def test_duo_streaming_ring_holds_exactly_each_querys_window(sink, recent):
+    """Tokens whose value is their position, fed in chunks of 1 and more: a decode step's streaming keys
+    are exactly its window (sink + the `recent` tokens before it + itself, each once), a chunk's are the
+    cached window + the chunk in position order, and the buffer is allocated once."""
+    from duokit.methods.duo.cache import DuoLayer, HeadPlan
+
+    layer = DuoLayer(HeadPlan((0,), (1,), sink, recent))
+    past, address = 0, None
+    for count in [1, 1, 3, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 50, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1]:
+        keys, values = layer.update(positions_as_tokens(past, count), positions_as_tokens(past, count) + 0.5)
+        streaming = keys.streaming[0, 0, :, 0].tolist()
+        assert [v - 0.5 for v in values.streaming[0, 0, :, 0].tolist()] == streaming
+        assert keys.retrieval[0, 0, :, 0].tolist() == list(range(past + count))
+        cached = list(range(min(past, sink))) + list(range(max(sink, past - recent), past))
+        if count == 1:  # the window of the query at `past`, in ring order
+            assert sorted(streaming) == [j for j in range(past + 1) if j < sink or past - j <= recent]
+        else:  # position order; entry i >= sink is the token at i + offset
+            assert streaming == cached + list(range(past, past + count))
+            assert all(position == (i if i < sink else i + keys.streaming_offset)
+                       for i, position in enumerate(streaming[:len(cached)]))
+        past += count
+        buffer = layer.storage["streaming_keys"]
+        assert buffer.shape[-2] == sink + recent + 1 and (address is None or buffer.data_ptr() == address)
+        address = buffer.data_ptr()
+        assert layer.streaming_keys.shape[-2] == min(past, sink + recent + 1)
+
+
+@pytest.mark.parametrize("sink,recent", [(2, 4), (3, 10)])
+@pytest.mark.parametrize("prefix_length", [5, 14, 40])
+@pytest.mark.parametrize("reserve", [0, 1, 3, 11, 30])
+def test_duo_restorer_saves_exactly_the_prefix_slots_a_try_overwrites(sink, recent, prefix_length, reserve):
+    from duokit.methods.duo.cache import DuoCache, HeadPlan, duo_restore_kv_bytes
+
+    plan = HeadPlan((0,), (1,), sink, recent)
+    cache = DuoCache([plan], prefix_length + reserve, reserve)
+    cache.update(positions_as_tokens(0, prefix_length), positions_as_tokens(0, prefix_length), 0)
+    layer = cache.layers[0]
+    prefilled = layer.streaming_keys.clone()
+    restore = cache.prefix_restorer()
+    assert restore.nbytes == duo_restore_kv_bytes([plan], 1, prefix_length, reserve, 4)
+    longest = reserve or 2 * (sink + recent + 1)  # reserve 0: any length
+    for length in range(1, longest + 1):  # tries of every length up to the reserve: a suffix, then steps
+        restore()
+        assert torch.equal(layer.streaming_keys, prefilled) and layer.get_seq_length() == prefix_length
+        suffix = max(1, length // 2)
+        cache.update(positions_as_tokens(prefix_length, suffix), positions_as_tokens(prefix_length, suffix), 0)
+        for position in range(prefix_length + suffix, prefix_length + length):
+            cache.update(positions_as_tokens(position, 1), positions_as_tokens(position, 1), 0)
+    # The longest try overwrote exactly the saved slots (K and V, 1 head, 1 feature, float32): none is saved in vain.
+    overwritten = (layer.storage["streaming_keys"][..., :prefilled.shape[-2], :] != prefilled).sum().item()
+    assert restore.nbytes == 2 * 4 * overwritten
+    restore()
+    assert torch.equal(layer.streaming_keys, prefilled) and layer.get_seq_length() == prefix_length
 
 
 def test_planner_counts_one_cache_and_what_restoring_keeps(tmp_path):

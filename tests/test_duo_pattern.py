@@ -151,8 +151,8 @@ def test_estimate_kv_bytes_is_the_analytic_formula(tmp_path):
     # Retrieval heads: layer 0 head 0, layer 1 head 0 (gate 0.8 > 0.7): 2 full heads, 2 streaming heads.
     geometry = Geometry(num_layers=2, num_heads=2, num_kv_heads=2, head_dim=128, hidden_size=256,
                         intermediate_size=512, dtype_bytes=2)
-    for tokens in (100, 320, 5000):
-        expected = 2 * 128 * 2 * (2 * tokens + 2 * min(tokens, 320))
+    for tokens in (100, 320, 321, 322, 5000):  # a streaming head's ring buffer: sink + recent + 1 = 321 slots
+        expected = 2 * 128 * 2 * (2 * tokens + 2 * min(tokens, 64 + 256 + 1))
         assert method.estimate_kv_bytes(geometry, TokenCounts(text=tokens - 30, video=30)) == expected
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(3, 2\)"):
         method.estimate_kv_bytes(replace(geometry, num_layers=3), TokenCounts(10))

@@ -382,9 +382,10 @@ def test_eval_with_duo_checks_the_pattern_before_writing_the_run(tmp_path, capsy
     assert main([*args, "--pattern", str(tmp_path / "pattern"), *duo_flags]) == 0
     decoded = [p for p in iter_jsonl(run / "predictions.jsonl") if p["error"] is None]
     assert len(decoded) == 8 and all(len(p["output_tokens"]) == 5 for p in decoded)
-    # One retrieval + one streaming KV head per layer: 2 heads keep every prefix token, 2 keep sink + recent.
+    # One retrieval + one streaming KV head per layer: 2 heads keep every prefix token, 2 their fixed buffer
+    # of sink + recent + 1 slots (the window a query sees: the sink, the recent tokens before it, itself).
     prefix_tokens = decoded[0]["cost"]["prefix_tokens"]
-    assert decoded[0]["cost"]["kv_bytes"] == 2 * 16 * 4 * (2 * prefix_tokens + 2 * min(prefix_tokens, 4 + 16))
+    assert decoded[0]["cost"]["kv_bytes"] == 2 * 16 * 4 * (2 * prefix_tokens + 2 * min(prefix_tokens, 4 + 16 + 1))
     config = json.loads((run / "config.json").read_text())
     assert config["method"]["name"] == "duo" and config["method"]["recent"] == 16
 

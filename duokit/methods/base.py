@@ -243,8 +243,9 @@ class Method:
         (where a segmentation put its boundaries, how many tokens a selection re-injected) overrides it."""
         return self.estimate_kv_bytes(geometry, tokens)
 
-    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
-        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them).
+    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any, reserve: int = 0) -> int:
+        """KV bytes held besides the cache to give each try the prefilled state (the planner adds them),
+        for tries of up to `reserve` tokens (longest suffix + `max_new_tokens`; 0: unknown).
         The default: 0 with the default cache (restored in place by truncation); for a method with its
         own cache, a copy of the prefix (the deepcopy fallback keeps the original beside each try's
         copy). A method whose own cache restores itself overrides this."""

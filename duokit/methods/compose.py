@@ -105,8 +105,8 @@ class Compose(Method):
     def new_cache(self, lm: Any, prefix: Any) -> Any:
         return self._owner("new_cache").new_cache(lm, prefix)
 
-    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
-        return self._owner("new_cache").estimate_restore_kv_bytes(geometry, prefix_tokens)
+    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any, reserve: int = 0) -> int:
+        return self._owner("new_cache").estimate_restore_kv_bytes(geometry, prefix_tokens, reserve)
 
     def prefill(self, lm: Any, prefix: Any, cache: Any, chunk_size: int) -> Any:
         return self._owner("prefill").prefill(lm, prefix, cache, chunk_size)

@@ -15,7 +15,7 @@ import numpy as np
 from duokit.methods.attention import select_attention
 from duokit.methods.base import Method, causal_pairs, register_method, score_flops
 from duokit.methods.duo.attention import ATTENTION_NAME, PLAN_ATTRIBUTE, duo_attention
-from duokit.methods.duo.cache import DuoCache, HeadPlan, duo_kv_bytes
+from duokit.methods.duo.cache import DuoCache, HeadPlan, duo_kv_bytes, duo_restore_kv_bytes
 from duokit.methods.duo.pattern import Pattern, binarize, load_pattern, save_pattern
 
 
@@ -86,13 +86,13 @@ class Duo(Method):
         capacity = 0 if prefix is None else prefix.num_tokens + lm.decode_reserve
         return DuoCache(plans, capacity, lm.decode_reserve)
 
-    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any) -> int:
-        # The restorer keeps the prefilled streaming windows while a try replaces them.
+    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any, reserve: int = 0) -> int:
+        # The restorer saves the prefix's streaming slots that a try of `reserve` tokens overwrites.
         plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
-        return duo_kv_bytes(plans, geometry.head_dim, prefix_tokens.total, geometry.dtype_bytes, streaming_only=True)
+        return duo_restore_kv_bytes(plans, geometry.head_dim, prefix_tokens.total, reserve, geometry.dtype_bytes)
 
     def kv_bytes_of_layers(self, geometry: Any, per_layer: Sequence[int]) -> int:
-        # Retrieval heads grow with every token; streaming heads stop at sink + recent. The peak is at the end.
+        # Retrieval heads grow with every token; streaming heads stop at sink + recent + 1. The peak is at the end.
         plans = self.head_plans(geometry.num_layers, geometry.num_kv_heads)
         return sum(duo_kv_bytes([plan], geometry.head_dim, count, geometry.dtype_bytes)
                    for plan, count in zip(plans, per_layer))
