@@ -86,7 +86,9 @@ def duo(tmp_path, sparsity, sink=2, recent=4):
     _, _, adapter = tiny("qwen2_5_vl")
     gates = np.random.default_rng(0).random((adapter.num_layers, adapter.num_kv_heads))
     save_pattern(tmp_path / "pattern", gates, sink_size=sink, recent_size=recent)
-    return get_method("duo", pattern=str(tmp_path / "pattern"), sparsity=sparsity, sink=sink, recent=recent)
+    # per_layer: streaming heads in every layer, so a stale window in an early layer reaches the logits.
+    return get_method("duo", pattern=str(tmp_path / "pattern"), sparsity=sparsity, sink=sink, recent=recent,
+                      per_layer=True)
 
 
 def answers(family, method, copying):
