@@ -341,9 +341,9 @@ def plan(config: AblationConfig, out: Path, progress: bool = True, run_preparati
     annotations, videos = data_paths(config, out, progress, make)
     shape = InputShape(config, annotations, videos)
     prepared = prepare(config, out, progress, run_preparations and make)
-    if not make:
-        for name in set(config.prepare) - set(prepared):
-            raise not_shared(out, out / "prepare" / name)
+    missing = sorted(set(config.prepare) - set(prepared))
+    if missing and not make:
+        raise not_shared(out, out / "prepare" / missing[0])
     cells = expand(config, shape, prepared)
     records = {cell.folder: shape.preprocessing(cell.frames, cell.max_pixels)["record"] for cell in cells}
     return cells, records, shape
@@ -372,9 +372,9 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     world.barrier()
     if not world.is_main:
         cells, records, shape = plan(config, out, progress=False, make=False)
-    mine = cells if world.size == 1 else my_cells(world, cells, out, shape)
-    label = "" if world.size == 1 else f"rank {world.rank}/{world.size} "
+    mine, label = cells, ""
     if world.size > 1:
+        mine, label = my_cells(world, cells, out, shape), f"rank {world.rank}/{world.size} "
         print(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}", file=sys.stderr)
     for number, cell in enumerate(mine, 1):
         started = time.perf_counter()

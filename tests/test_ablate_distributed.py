@@ -155,6 +155,23 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_with_two_or_one_processes
         assert set(lines) <= set(logged_lines(again)[cell])
 
 
+def test_a_refusal_on_the_main_rank_stops_every_process_and_touches_no_cell(reference, tmp_path):
+    """The main rank refuses a changed row before the first barrier; the launcher stops the rank waiting
+    there (no hang), and the finished ablation is left as it was."""
+    reference, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    changed = copy.deepcopy(TINY)
+    changed["rows"][1]["settings"] = {"seed": 3}
+    config = tmp_path / "changed.yaml"
+    config.write_text(yaml.safe_dump(changed))
+    result = launch(ablate_args(config, run), processes=2)
+    assert result.returncode != 0
+    assert result.stderr.count("these cells already ran with other settings: cells/random_drop/rho0.5") == 1
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------------
 # In one process: the cost rule, and a rank that does not see what the main rank made.
 
