@@ -363,6 +363,8 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     config, raw = _config(config)
     out = Path(out)
     world = current_world(cpu=config.device == "cpu") if world is None else world
+    # Shared work (data set, gates, the plan) is done by the main rank alone before the others go on: the
+    # gated cells of every rank need the gates, and gate training is one process anyway (docs/scaling.md).
     if world.is_main:
         for name in config.skipped:
             print(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit",
