@@ -5,6 +5,7 @@ with 1) with nothing recomputed. Plus the cost rule and the refusal of a rank th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_distributed import TRIES_TOGETHER_COSTS, deterministic, launch
 
@@ -40,13 +42,27 @@ CELLS = ["cells/baseline/settings", "cells/random_drop/rho0.5", "cells/duo/rho0.
 MEASURED_COLUMNS = {"prefill_s", "decode_s_per_token", "peak_growth_bytes_median"}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread, as in the launched processes (OMP_NUM_THREADS=1): the gates after one training
+    step are nearly tied, so which heads stream can follow the last bits of a sum, and sums split over
+    a varying number of threads (MKL may use fewer than asked on a busy machine) differ in them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The single-process ablation, and its config file."""
     root = tmp_path_factory.mktemp("ablate-spread")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    ablate.run_ablation(copy.deepcopy(TINY), root / "reference", progress=False)
+    with one_thread():
+        ablate.run_ablation(copy.deepcopy(TINY), root / "reference", progress=False)
     return root / "reference", config
 
 
@@ -148,7 +164,8 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_with_two_or_one_processes
         return evaluate(lm, method, sample, *args, **kwargs)
 
     monkeypatch.setattr(eval_command, "evaluate_sample", counting)
-    ablate.run_ablation(str(config), again, progress=False)
+    with one_thread():
+        ablate.run_ablation(str(config), again, progress=False)
     assert sorted(evaluated) == missing
     assert_same_ablation(again, reference, partly_redone=partial)
     for cell, lines in before.items():
