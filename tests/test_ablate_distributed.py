@@ -44,9 +44,9 @@ MEASURED_COLUMNS = {"prefill_s", "decode_s_per_token", "peak_growth_bytes_median
 
 @contextlib.contextmanager
 def one_thread():
-    """One torch thread, as in the launched processes (OMP_NUM_THREADS=1): the gates after one training
-    step are nearly tied, so which heads stream can follow the last bits of a sum, and sums split over
-    a varying number of threads (MKL may use fewer than asked on a busy machine) differ in them."""
+    """One torch thread, as in the launched processes (OMP_NUM_THREADS=1), so that the reference sums as
+    they do: a sum split over another number of threads (MKL may also use fewer than asked on a busy
+    machine) can differ in its last bits, enough to flip a near-tie between two answer tokens."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
