@@ -7,6 +7,10 @@ DIR/prepare/duo_gates/ the DuoAttention gate-training run (prepare: {duo_gates: 
 DIR/cells/<row>/<cell>/ one `duokit eval` run directory each (config.json, predictions.jsonl, summary.json)
 DIR/results.csv, results.json, results.md, plots/*.png (duokit.report)
 
+Under `accelerate launch` with N > 1 processes the cells are dealt out whole over the ranks by predicted
+cost, each run by one rank alone; the data set, the preparations and the results are made once, by the
+main rank (docs/scaling.md).
+
 A budget rho (retained visual-KV fraction) reaches a method through its own `budget_settings(rho,
 geometry, tokens)`, merged over the row's settings; a token-matched baseline meets it with fewer frames
 or fewer pixels per frame. The budget each cell achieved is measured from its recorded KV bytes.
@@ -37,9 +41,9 @@ def example_text(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Data, preparations, the model's geometry.
 
-def data_paths(config: AblationConfig, out: Path, progress: bool = True) -> tuple[Path, Path]:
+def data_paths(config: AblationConfig, out: Path, progress: bool = True, make: bool = True) -> tuple[Path, Path]:
     """(annotations, videos); a synthetic set is written to DIR/data on first use (resumable: a finished
-    set is recognised by its annotations file)."""
+    set is recognised by its annotations file), unless `make` is false (a rank that only reads)."""
     if "synth" not in config.data:
         annotations, videos = Path(config.data["annotations"]), Path(config.data["videos"])
         if not annotations.is_file() or not videos.is_dir():
@@ -48,6 +52,8 @@ def data_paths(config: AblationConfig, out: Path, progress: bool = True) -> tupl
         return annotations, videos
     data = out / "data"
     if not (data / "annotations.json").is_file():
+        if not make:
+            raise not_shared(out, data / "annotations.json")
         from duokit.data.synth.generate import Synthesizer
         from duokit.data.synth.writer import write_synth_set
         from duokit.models.needlenet.data import eval_synth_config
@@ -56,6 +62,11 @@ def data_paths(config: AblationConfig, out: Path, progress: bool = True) -> tupl
         write_synth_set(Synthesizer(eval_synth_config(config.frames, synth["per_task"], synth["seed"])), data,
                         progress=progress)
     return data / "annotations.json", data / "videos"
+
+
+def not_shared(out: Path, missing: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{missing} is missing on a process other than the main one, which made it: under "
+                             f"`accelerate launch`, --out {out} must be on a filesystem every process sees")
 
 
 def prepare(config: AblationConfig, out: Path, progress: bool = True, run: bool = True) -> dict[str, str]:
@@ -239,14 +250,42 @@ def check_plan(out: Path, config: AblationConfig, cells: list[Cell], raw: Any) -
                              "seed": config.seed, "config": raw, "cells": specs})
 
 
-def run_cell(config: AblationConfig, cell: Cell, out: Path, annotations: Path, videos: Path) -> dict:
+def run_cell(config: AblationConfig, cell: Cell, out: Path, annotations: Path, videos: Path, world: Any) -> dict:
+    """Run (or resume) `cell` whole in this process (`world`: `World.alone()` of this rank)."""
     from duokit.eval_command import run_eval
 
     return run_eval(annotations, videos, cell.frames, out / cell.folder, model=config.model, method=cell.method,
                     settings=cell.settings, per_task=config.per_task, seed=config.seed,
                     chunk_size=config.chunk_size, dtype=config.dtype, device=config.device,
                     max_pixels=cell.max_pixels or config.max_pixels, min_pixels=config.min_pixels,
-                    decode_tries=config.decode_tries)
+                    decode_tries=config.decode_tries, world=world)
+
+
+def cell_costs(cells: list[Cell], out: Path, shape: InputShape) -> list[float]:
+    """Each cell's predicted cost, for dealing cells out over ranks: its samples not yet fully logged
+    times its planned prefix tokens (the processor's count for its frames and pixels on the largest
+    video, as the memory planner counts them), which drive the vision tower, the prefill and every try.
+    A method's own savings are not counted (as in the dry run's time estimate). A finished cell costs 0
+    (it is only scored again)."""
+    from duokit.io import JsonlLog
+
+    costs = []
+    for cell in cells:
+        done = JsonlLog(out / cell.folder / "predictions.jsonl", key="record_id").done
+        todo = sum(any(t.record_id not in done for t in sample.tries) for sample in shape.samples)
+        costs.append(float(todo * shape.preprocessing(cell.frames, cell.max_pixels)["tokens"].total))
+    return costs
+
+
+def my_cells(world: Any, cells: list[Cell], out: Path, shape: InputShape) -> list[Cell]:
+    """This rank's cells under `split_by_cost` of `cell_costs`, in config order. The main rank reads the
+    cells' logs and sends the costs to every rank (all decide from one view of DIR, before any cell runs)."""
+    plan = world.broadcast([(c.folder, cost) for c, cost in zip(cells, cell_costs(cells, out, shape))]
+                           if world.is_main else None)
+    if [folder for folder, _ in plan] != [cell.folder for cell in cells]:
+        raise ValueError(f"{out}: rank {world.rank} expands other cells than the main process; every process "
+                         "must run the same duokit and config")
+    return world.share(cells, [cost for _, cost in plan])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,34 +334,61 @@ def write_results(out: Path, config: AblationConfig, rows: list[dict], raw: Any)
 # ---------------------------------------------------------------------------------------------
 # Running.
 
-def plan(config: AblationConfig, out: Path, progress: bool = True,
-         run_preparations: bool = True) -> tuple[list[Cell], dict, InputShape]:
-    """(cells, {cell folder: preprocessing record}, the input shape), data and preparations done."""
-    annotations, videos = data_paths(config, out, progress)
+def plan(config: AblationConfig, out: Path, progress: bool = True, run_preparations: bool = True,
+         make: bool = True) -> tuple[list[Cell], dict, InputShape]:
+    """(cells, {cell folder: preprocessing record}, the input shape), data and preparations done. With
+    `make` false (a rank other than the main one) nothing is written: what the main rank made is read,
+    and its absence is an error."""
+    annotations, videos = data_paths(config, out, progress, make)
     shape = InputShape(config, annotations, videos)
-    prepared = prepare(config, out, progress, run_preparations)
+    prepared = prepare(config, out, progress, run_preparations and make)
+    missing = sorted(set(config.prepare) - set(prepared))
+    if missing and not make:
+        raise not_shared(out, out / "prepare" / missing[0])
     cells = expand(config, shape, prepared)
     records = {cell.folder: shape.preprocessing(cell.frames, cell.max_pixels)["record"] for cell in cells}
     return cells, records, shape
 
 
-def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, progress: bool = True) -> dict:
+def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, progress: bool = True,
+                 world: Any = None) -> dict:
     """Run (or resume) every cell of `config` (an AblationConfig, a config file, or its parsed mapping)
-    into `out`, then write the results; returns results.json's content."""
+    into `out`, then write the results; returns results.json's content.
+
+    `world` (a `duokit.distributed.World`; default: this process's, from `accelerate launch`): with N > 1
+    ranks the main rank alone makes the data set, runs the preparations and records the plan while the
+    others wait at a barrier; then each rank runs its share of the cells (`my_cells`) whole, alone; after
+    a second barrier the main rank writes the results, which every rank returns."""
+    from duokit.distributed import current_world
+
     config, raw = _config(config)
     out = Path(out)
-    for name in config.skipped:
-        print(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit", file=sys.stderr)
-    cells, records, shape = plan(config, out, progress)
-    check_plan(out, config, cells, raw)
-    for number, cell in enumerate(cells, 1):
+    world = current_world(cpu=config.device == "cpu") if world is None else world
+    # Shared work (data set, gates, the plan) is done by the main rank alone before the others go on: the
+    # gated cells of every rank need the gates, and gate training is one process anyway (docs/scaling.md).
+    if world.is_main:
+        for name in config.skipped:
+            print(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit",
+                  file=sys.stderr)
+        cells, records, shape = plan(config, out, progress)
+        check_plan(out, config, cells, raw)
+    world.barrier()
+    if not world.is_main:
+        cells, records, shape = plan(config, out, progress=False, make=False)
+    mine, label = cells, ""
+    if world.size > 1:
+        mine, label = my_cells(world, cells, out, shape), f"rank {world.rank}/{world.size} "
+        print(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}", file=sys.stderr)
+    for number, cell in enumerate(mine, 1):
         started = time.perf_counter()
-        summary = run_cell(config, cell, out, shape.annotations, shape.videos)
+        summary = run_cell(config, cell, out, shape.annotations, shape.videos, world.alone())
         if progress:
-            print(f"[{number}/{len(cells)}] {cell.folder}: Overall {100 * summary['scores']['overall']:.1f}% "
+            print(f"{label}[{number}/{len(mine)}] {cell.folder}: Overall {100 * summary['scores']['overall']:.1f}% "
                   f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    rows = cell_rows(config, cells, out, records)
-    write_results(out, config, rows, raw)
+    world.barrier()  # every cell's summary.json is written
+    if world.is_main:
+        write_results(out, config, cell_rows(config, cells, out, records), raw)
+    world.barrier()
     return read_json(out / "results.json")
 
 
@@ -406,6 +472,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from duokit.distributed import is_main_process
+
     try:
         if args.example:
             print(example_text(args.example), end="")
@@ -413,12 +481,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.config or not args.out:
             raise AblationConfigError("give --config ABL.yaml and --out DIR (or --example cpu|gpu)")
         if args.dry_run:
-            print(dry_run(args.config, args.out))
+            if is_main_process():  # under `accelerate launch` one process plans (it spreads nothing)
+                print(dry_run(args.config, args.out))
             return 0
         results = run_ablation(args.config, args.out)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit ablate: error: {err}", file=sys.stderr)
         return 1
+    if not is_main_process():  # under `accelerate launch` the main process reports for all
+        return 0
     from duokit.report import ablation_text_table
 
     print(ablation_text_table(results["cells"]))

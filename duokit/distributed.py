@@ -8,7 +8,8 @@ world of one.
 Sharded `duokit eval`: each rank appends the records of its share of the samples to its own
 `RUN/predictions.rank{R}-of-{N}.jsonl` (the name records the world size, so shards of runs launched with
 different N never collide), and the main rank folds them into `RUN/predictions.jsonl` (`merge_shards`).
-`split_by_cost` is the balancing rule, for anything that splits weighted work items across ranks.
+`split_by_cost` is the balancing rule, for anything that splits weighted work items across ranks:
+`duokit ablate` uses it to deal out whole cells, each then run by one rank alone (`World.alone`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ WORLD_SIZE_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WO
 # minutes on a long video, and torch's default (10 min for nccl) would abort a healthy run; a rank that
 # dies is noticed by the launcher, which stops the others, so a long wait never hangs a broken run.
 BARRIER_TIMEOUT = timedelta(hours=12)
-# Fault injection for the tests: "RANK:K" makes that rank SIGKILL itself right after logging K samples,
-# the crash that a resumed run must recover from without recomputing or duplicating anything.
+# Fault injection for the tests: "RANK:K" makes the process of that launch rank SIGKILL itself right after
+# logging K samples of a run (also of a cell it runs alone), the crash that a resumed run must recover
+# from without recomputing or duplicating anything.
 KILL_AFTER_ENV = "DUOKIT_KILL_AFTER"
 SHARD_NAME = re.compile(r"predictions\.rank(\d+)-of-(\d+)\.jsonl")
 
@@ -69,6 +71,12 @@ def launched_world_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank in the launch (0 for a plain process), read after `current_world`, which sets
+    $RANK on MPI launches too."""
+    return int(os.environ.get("RANK", "0") or 0) if launched_world_size() > 1 else 0
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the launched processes; `World()` is a plain process."""
@@ -92,6 +100,15 @@ class World:
         cell spread by `share`), which must not wait for the other ranks."""
         return World(device=self.device)
 
+    def broadcast(self, value: Any) -> Any:
+        """`value` as the main rank has it, on every rank (picklable): what one rank read from the run
+        directory, so that every rank decides from the same view of it (a shared filesystem may lag)."""
+        if self.size == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
     def share(self, items: Sequence, costs: Sequence[float]) -> list:
         """This rank's items under `split_by_cost`, in the order of `items`."""
         if len(items) != len(costs):
@@ -99,11 +116,12 @@ class World:
         return [items[i] for i in split_by_cost(costs, self.size)[self.rank]]
 
     def kill_point(self, done: int) -> None:
-        """Die here if `$DUOKIT_KILL_AFTER` ("RANK:K") names this rank and `done` reached K (tests only)."""
+        """Die here if `$DUOKIT_KILL_AFTER` ("RANK:K") names this process's launch rank (that of a rank
+        running a cell `alone` too) and `done` reached K (tests only)."""
         spec = os.environ.get(KILL_AFTER_ENV)
         if spec:
             rank, _, count = spec.partition(":")
-            if int(rank) == self.rank and done >= int(count):
+            if int(rank) == launched_rank() and done >= int(count):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -125,9 +143,8 @@ def current_world(cpu: bool = False) -> World:
 
 
 def is_main_process() -> bool:
-    """Whether this is rank 0 or a plain process (after `current_world`, which sets $RANK on MPI launches
-    too)."""
-    return launched_world_size() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
+    """Whether this is rank 0 of a launch or a plain process (see `launched_rank`)."""
+    return launched_rank() == 0
 
 
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
