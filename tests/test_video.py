@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -60,11 +64,41 @@ def clip(tmp_path_factory):
 # --- writing ------------------------------------------------------------------------------------
 
 
-def test_write_video_is_byte_identical_and_leaves_no_temp_files(tmp_path):
-    first = write_video(tmp_path / "a.mp4", solid_frames(), FPS)
-    second = write_video(tmp_path / "b.mp4", solid_frames(), FPS)
-    assert first.read_bytes() == second.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "b.mp4"]
+def textured_frames(count: int = 32) -> np.ndarray:
+    """A panning noise texture with per-frame noise, a subtitle bar and a picture needle: flat colours encode
+    the same whatever the encoder's hidden state, these frames do not (x264's defaults give several files)."""
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 256, (HEIGHT, WIDTH + count, 3)).astype(np.int16)
+    texture = (texture + np.roll(texture, 1, 1) + np.roll(texture, 1, 0)) // 3
+    frames = np.stack([texture[:, t:t + WIDTH] for t in range(count)])
+    frames = np.clip(frames + rng.integers(-12, 13, frames.shape), 0, 255).astype(np.uint8)
+    frames[:, 36:44, 8:56] = 255  # subtitle bar with dark strokes
+    frames[:, 38:42, 10:54:4] = 0
+    frames[count // 3:count // 3 + 6, 8:24, 40:56] = (220, 40, 40)  # the needle picture
+    return frames
+
+
+# What fresh heap memory holds (glibc's MALLOC_PERTURB_): x264's defaults give different bytes for 85 and 170.
+WRITE_IN_CHILD = ("import sys, numpy as np; from duokit.data.video import write_video; "
+                  "write_video(sys.argv[2], np.load(sys.argv[1]), float(sys.argv[3]))")
+
+
+PACKAGE_ROOT = str(Path(video.__file__).resolve().parents[2])  # the children import this duokit
+
+
+def test_write_video_is_byte_identical_in_and_across_processes(tmp_path):
+    frames = textured_frames()
+    paths = [write_video(tmp_path / f"{i}.mp4", frames, FPS) for i in range(3)]
+    np.save(tmp_path / "frames.npy", frames)
+    for perturb in ("85", "170"):
+        paths.append(tmp_path / f"child{perturb}.mp4")
+        env = {**os.environ, "MALLOC_PERTURB_": perturb, "OMP_NUM_THREADS": "1", "PYTHONPATH": PACKAGE_ROOT}
+        subprocess.run([sys.executable, "-c", WRITE_IN_CHILD, str(tmp_path / "frames.npy"), str(paths[-1]),
+                        str(FPS)], check=True, env=env)
+    assert len({p.read_bytes() for p in paths}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in paths] + ["frames.npy"])
+    needle = load_frames(paths[0], backend="pyav").frames[len(frames) // 3, 8:24, 40:56]  # survives crf 18
+    assert np.abs(needle.reshape(-1, 3).mean(axis=0) - (220, 40, 40)).max() < MAX_MEAN_ABS_DIFF
 
 
 @pytest.mark.parametrize(

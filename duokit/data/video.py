@@ -49,16 +49,27 @@ class VideoFrames:
 # Writing
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+# x264 options under which the output depends on the frames alone (docs/video.md). With B-frames on
+# (x264's default: 3), the same frames encoded single-threaded still give a different file from one run to
+# the next, because the B-frame path of the lookahead / macroblock-tree rate control reads heap memory it
+# never wrote: with glibc's MALLOC_PERTURB_ fixing what fresh heap memory holds, the output becomes fixed
+# and changes with the value. bframes=0 (or mbtree=0, which triples the file size) removes the dependence
+# at no measured speed cost (benchmarks/video_determinism.py).
+DETERMINISTIC_X264_PARAMS = "bframes=0"
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 18,
+                x264_params: str = DETERMINISTIC_X264_PARAMS) -> Path:
     """Encode uint8 RGB frames [T, H, W, 3] as an H.264 (yuv420p) mp4 at `path`, atomically.
 
     H and W must be even (yuv420p halves the chroma planes); odd sizes raise instead of being padded
     silently, so a loaded clip always has the shape that was written. `crf` 18 keeps burned-in
-    subtitle needles legible (x264's default is 23). The encoder runs single-threaded so that the
-    same frames give byte-identical files on any machine: x264's output changes with its thread
-    count (measured: 1, 2 and 4 threads give three different files), which by default follows the
-    CPU count. Bytes can still differ between PyAV/FFmpeg/x264 versions (the mp4 and x264 headers
-    name the encoder version).
+    subtitle needles legible (x264's default is 23). The same frames give byte-identical files, in one
+    process and across processes and machines: the encoder runs single-threaded (x264's output changes
+    with its thread count, which by default follows the CPU count: 1, 2 and 4 threads give three
+    different files) and with `x264_params` (default `DETERMINISTIC_X264_PARAMS`, no B-frames; "" gives
+    x264's defaults, which are not deterministic). Bytes can still differ between PyAV/FFmpeg/x264
+    versions (the mp4 and x264 headers name the encoder version).
     """
     import av
 
@@ -81,7 +92,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     with atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), **({"x264-params": x264_params} if x264_params else {})}
         stream.codec_context.thread_count = 1
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
