@@ -24,10 +24,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run with one torch thread, then give the thread count back: torch's setting is process-wide and would
+    otherwise leak into every later test."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(argv)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -153,6 +159,16 @@ def test_bad_settings_fail_before_any_work(tmp_path, flags, message):
     code, _, stderr = run_cli(["demo", "--out", str(out), *REDUCED, *flags])
     assert code == 1 and message in stderr and stderr.startswith("duokit demo: error:")
     assert not out.exists()
+
+
+def test_run_cli_gives_the_thread_count_back(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_cli(["demo", "--out", str(tmp_path / "run"), *REDUCED, "--frames", "8"])[0] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
