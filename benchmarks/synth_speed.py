@@ -3,7 +3,7 @@
     python benchmarks/synth_speed.py [--haystacks 3]
 
 Prints samples per second for (1) VNBench-style samples of all nine sub-tasks in memory, (2) the same
-with each video encoded to mp4 (write_video, single-threaded x264), (3) the training variant in memory,
+with each video encoded to mp4 (write_video: single-threaded x264, no B-frames), (3) the training variant in memory,
 with a fresh haystack per sample and with a warm pool of reused haystacks.
 Haystacks are 16 s at 4 fps = 64 frames; insert sub-tasks add their needle frames on top.
 """
