@@ -65,7 +65,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     H and W must be even (yuv420p halves the chroma planes); odd sizes raise instead of being padded
     silently, so a loaded clip always has the shape that was written. `crf` 18 keeps burned-in
     subtitle needles legible (x264's default is 23). The same frames give byte-identical files, in one
-    process and across processes and machines: the encoder runs single-threaded (x264's output changes
+    process and across processes (other CPUs with the same build: not measured, x264 picks its SIMD code
+    by CPU): the encoder runs single-threaded (x264's output changes
     with its thread count, which by default follows the CPU count: 1, 2 and 4 threads give three
     different files) and with `x264_params` (default `DETERMINISTIC_X264_PARAMS`, no B-frames; "" gives
     x264's defaults, which are not deterministic). Bytes can still differ between PyAV/FFmpeg/x264
