@@ -7,7 +7,8 @@ For each x264 setting (x264's defaults at crf 18 single-threaded, and the option
 subtitle needle) are encoded `--repeats` times in one process and once in each of three child processes
 whose glibc `MALLOC_PERTURB_` differs: that variable sets what freshly allocated heap memory holds, so an
 encoder that reads memory it never wrote gives different bytes across the children. Prints distinct
-files, seconds per video (min, median), file size, PSNR of the decoded frames against the source, and how far
+files, whether x264 limited to AVX2 code (`asm=AVX2`, as on a CPU without AVX-512; meaningful where this CPU has
+AVX-512) writes the same bytes, seconds per video (min, median), file size, PSNR of the decoded frames against the source, and how far
 the decoded frames of the first and last in-process write are apart.
 """
 
@@ -69,11 +70,14 @@ def main() -> None:
                 subprocess.run([sys.executable, "-c", CHILD, str(Path(tmp) / "frames.npy"), str(out),
                                 str(args.fps), params], check=True, env=env)
                 children.append(hashlib.sha256(out.read_bytes()).hexdigest())
+            avx2 = write_video(Path(tmp) / "avx2.mp4", frames, args.fps, x264_params=":".join(
+                filter(None, [params, "asm=AVX2"])))  # x264 limited to AVX2 code, as on a CPU without AVX-512
+            same_on_avx2 = avx2.read_bytes() == path.read_bytes()
             decoded = load_frames(path, backend="pyav").frames
             first = load_frames(Path(tmp) / "in0.mp4", backend="pyav").frames
             gap = np.abs(decoded.astype(np.int16) - first)
             print(f"{label:<22} x264-params={params or '-':<10} distinct files: {len(set(digests))}/{args.repeats} "
-                  f"in-process, {len(set(children))}/3 across MALLOC_PERTURB_; "
+                  f"in-process, {len(set(children))}/3 across MALLOC_PERTURB_, same bytes with asm=AVX2: {same_on_avx2}; "
                   f"s/video min {min(times):.3f} median {statistics.median(times):.3f}; "
                   f"{path.stat().st_size / 1e3:.1f} kB; PSNR {psnr(decoded, frames):.2f} dB; decoded first vs last "
                   f"write: max {gap.max()} levels, {np.mean(gap > 0):.0%} of values differ")

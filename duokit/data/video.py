@@ -50,11 +50,12 @@ class VideoFrames:
 
 
 # x264 options under which the output depends on the frames alone (docs/video.md). With B-frames on
-# (x264's default: 3), the same frames encoded single-threaded still give a different file from one run to
-# the next, because the B-frame path of the lookahead / macroblock-tree rate control reads heap memory it
-# never wrote: with glibc's MALLOC_PERTURB_ fixing what fresh heap memory holds, the output becomes fixed
-# and changes with the value. bframes=0 (or mbtree=0, which triples the file size) removes the dependence
-# at no measured speed cost (benchmarks/video_determinism.py).
+# (x264's default: 3), the same frames encoded single-threaded still gave a different file on each write:
+# x264's B-frame macroblock-tree path reads heap memory it never wrote. glibc's MALLOC_PERTURB_, which fixes
+# what fresh heap memory holds, fixes the output and changes it with its value; the read is in x264's
+# AVX-512 code (limited to AVX2 code, `asm=AVX2`, or without asm, the output is fixed). bframes=0 removes it
+# at no measured cost (benchmarks/video_determinism.py). mbtree=0 removes it too and also gives the same
+# bytes with AVX2 and AVX-512 code, but costs ~1.5x encode time and 1.4-4.6x file size at crf 18.
 DETERMINISTIC_X264_PARAMS = "bframes=0"
 
 
@@ -64,13 +65,14 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
 
     H and W must be even (yuv420p halves the chroma planes); odd sizes raise instead of being padded
     silently, so a loaded clip always has the shape that was written. `crf` 18 keeps burned-in
-    subtitle needles legible (x264's default is 23). The same frames give byte-identical files, in one
-    process and across processes (other CPUs with the same build: not measured, x264 picks its SIMD code
-    by CPU): the encoder runs single-threaded (x264's output changes
+    subtitle needles legible (x264's default is 23). The same frames give byte-identical files in one
+    process and across processes on one machine: the encoder runs single-threaded (x264's output changes
     with its thread count, which by default follows the CPU count: 1, 2 and 4 threads give three
     different files) and with `x264_params` (default `DETERMINISTIC_X264_PARAMS`, no B-frames; "" gives
-    x264's defaults, which are not deterministic). Bytes can still differ between PyAV/FFmpeg/x264
-    versions (the mp4 and x264 headers name the encoder version).
+    x264's defaults, which are not deterministic). x264 picks its SIMD code by CPU: with the default,
+    CPUs with and without AVX-512 write different bytes; `x264_params="mbtree=0"` makes those agree
+    (docs/video.md). Bytes can also differ between PyAV/FFmpeg/x264 versions (the mp4 and x264 headers
+    name the encoder version).
     """
     import av
 
