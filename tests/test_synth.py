@@ -226,7 +226,7 @@ SYNTH_ARGS = ["synth", "--procedural", "--per-task", "1", "--tasks", "ret_edit1"
 
 def test_cli_same_seed_gives_identical_annotations_and_video_bytes(tmp_path):
     """Once in this process, once in a child whose fresh heap memory holds other bytes (glibc MALLOC_PERTURB_):
-    x264 with B-frames encodes these textured frames differently each time (docs/video.md)."""
+    x264 with B-frames encodes these textured frames differently each time on an AVX-512 CPU (docs/video.md)."""
     assert main([*SYNTH_ARGS, "--out", str(tmp_path / "here")]) == 0
     env = {**os.environ, "MALLOC_PERTURB_": "170", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(duokit.__file__).resolve().parents[1])}

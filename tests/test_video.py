@@ -78,7 +78,8 @@ def textured_frames(count: int = 32) -> np.ndarray:
     return frames
 
 
-# What fresh heap memory holds (glibc's MALLOC_PERTURB_): x264's defaults give different bytes for 85 and 170.
+# What fresh heap memory holds (glibc's MALLOC_PERTURB_): with x264's defaults, 85 and 170 give different bytes
+# (where x264 runs its AVX-512 code; docs/video.md).
 WRITE_IN_CHILD = ("import sys, numpy as np; from duokit.data.video import write_video; "
                   "write_video(sys.argv[2], np.load(sys.argv[1]), float(sys.argv[3]))")
 PACKAGE_ROOT = str(Path(video.__file__).resolve().parents[2])  # the children import this duokit
