@@ -1,8 +1,8 @@
-"""NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (needlenet-probe.md "Setup").
+"""NeedleNet's architecture: the real Qwen2.5-VL classes, tiny, random init (docs/needlenet.md).
 
-The language model has 4 layers of grouped-query attention (4 query / 2 KV heads, head_dim 32) so
-DuoAttention has (layer, KV head) pairs to choose between (`--heads/--kv-heads` train variants with more);
-the vision tower is 2 blocks of hidden 64.
+The language model has 4 layers; by default grouped-query attention with 4 query / 2 KV heads (head_dim
+32, NeedleNet v1); the shipped v2 is trained with `--heads 8 --kv-heads 8` (head_dim 16), so DuoAttention
+has 32 (layer, KV head) pairs to choose between. The vision tower is 2 blocks of hidden 64.
 Frames are 56x56 px: 2x2 merged 14 px patches per 2-frame group, i.e. 2 video tokens per frame, so
 128 frames are 256 video tokens. At 56 px the VNBench subtitle line is set in a ~4 px font (needles.py
 shrinks it to fit the width): legible as a fixed pixel pattern per name, not as text (docs/needlenet.md).
@@ -61,7 +61,7 @@ class TrainSettings:
     recognition_teacher: bool = False
     steps: int = 8000
     batch_size: int = 16
-    # frames per stage, the probe's 2 -> 32 (needlenet-probe.md); 2 = the needle's own frames (data.py)
+    # frames per stage, the earlier probe's 2 -> 32 (docs/needlenet.md); 2 = the needle's own frames (data.py)
     curriculum: tuple[int, ...] = (2, 4, 8, 16, 32)
     # How often each retrieval / ordering / counting sub-task is drawn relative to the others, at the
     # stages where it fits (data.weighted_tasks). (1, 3, 2) took held-out ordering from 8% to 32% (4-try,

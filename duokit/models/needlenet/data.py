@@ -36,7 +36,7 @@ STRIDE = (1.5, 3.0)
 RETRIEVAL = tuple(t for t in SUBTASKS if t.startswith("ret_"))
 FAMILIES = ("ret", "ord", "cnt")  # sub-task name prefixes (vnbench.SUBTASKS)
 MOST_NEEDLES = {"ord": 4, "cnt_edit1": 6, "cnt_insert1": 6, "cnt_edit2": 4}  # tasks.py ORDER_ITEMS etc.
-# The probe's first curriculum stage (needlenet-probe.md): 2 frames that both show the needle, so it
+# The earlier probe's first curriculum stage (docs/needlenet.md): 2 frames that both show the needle, so it
 # fills the one temporal patch. Not the uniform rule: the synthesizer's shortest haystack plus an
 # inserted picture is too long for 2 uniformly sampled frames to see it.
 NEEDLE_STAGE = 2
@@ -171,7 +171,7 @@ def make_example(seed: int, frames: int, index: int, tasks: tuple[str, ...] | No
 class BatchBuilder:
     """Model inputs for a batch of examples, built as the real processor builds them (checked in
     tests/test_needlenet.py): the processor's own rescale/normalise and patchify on the stacked frames
-    (4x faster than calling the processor per video, needlenet-probe.md), token ids from the chat
+    (4x faster than calling the processor per video, measured in an earlier probe), token ids from the chat
     template with one <|video_pad|> per video token, right padding, loss on the answer + <|im_end|>."""
 
     def __init__(self, processor):

@@ -6,7 +6,7 @@ token; the vocabulary is every piece that occurs, so no prompt word maps to `<un
 their trailing comma as one token ("Sam," "Grace," "Paul," "Bob") and multi-word items ("dining
 table", "Eiffel Tower") are single added tokens, so every answer fits in 4 tokens + `<|im_end|>`
 within the engine's official `max_new_tokens=5` (VNBench's official LLaVA example, github.com/joez17/VideoNIAH). A `tokenizers.WordLevel` model in a
-`PreTrainedTokenizerFast`, as measured in needlenet-probe.md ("Tokenizer").
+`PreTrainedTokenizerFast`, as measured in an earlier probe (docs/needlenet.md, "Tokenizer").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 1. Recognition (recognition.py, `recognition_steps`): the vision tower learns to map a needle's 2-frame
    group onto the embedding of its answer word (the tied word embeddings learn with it; the language
    model's layers get no gradient).
-2. Video QA: AdamW, warm-up + cosine, recipe from needlenet-probe.md ("Setup that worked"): the model
+2. Video QA: AdamW, warm-up + cosine, recipe from an earlier probe (docs/needlenet.md): the model
    only learns to find a needle when the haystack grows gradually, 2 -> 4 -> 8 -> 16 -> 32 frames. A
    stage ends when the answers to the retrieval questions of its last `window` steps are right at least
    `advance_accuracy` of the time (the probe's 0.9), or after `max_stage_steps` (a cap so one stuck
