@@ -294,7 +294,8 @@ MARKERS = "osD^vP*X<>"
 def _colors(rows: list[dict]) -> dict[str, tuple[str, str]]:
     """(colour, marker) of each row: cells that land on one point stay distinguishable."""
     names = dict.fromkeys(row["row"] for row in rows)
-    return {name: (f"C{k % 10}", MARKERS[k % len(MARKERS)]) for k, name in enumerate(names)}
+    # The 11th row reuses the first colour with the next marker: unique pairs for up to 100 rows.
+    return {name: (f"C{k % 10}", MARKERS[(k + k // 10) % len(MARKERS)]) for k, name in enumerate(names)}
 
 
 def _scatter(rows: list[dict], key: str, scale: float, xlabel: str, title: str, path: Path, front: bool) -> Path:

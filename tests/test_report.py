@@ -98,3 +98,10 @@ def test_unfinished_or_failed_runs_are_named(tmp_path):
         report.eval_row(failed, "x")
     with pytest.raises(ValueError, match="at least one finished run"):
         report.write_report(tmp_path / "empty", "t", "i", [])
+
+
+def test_every_row_of_a_large_ablation_gets_its_own_colour_and_marker():
+    from duokit.report import _colors
+
+    styles = _colors([{"row": f"row{k}"} for k in range(30)])
+    assert len(set(styles.values())) == 30
