@@ -118,7 +118,7 @@ def test_settings_reject_bad_values_and_schedule_warms_up():
     assert learning_rate(settings, 99) == pytest.approx(settings.lr * settings.final_lr_fraction, rel=0.05)
 
 
-def test_default_heads_are_the_shipped_models_and_variants_train_with_more_kv_heads(tmp_path):
+def test_the_shipped_config_is_what_its_recorded_training_builds_and_variants_train_with_more_kv_heads(tmp_path):
     from duokit.cli import main
     from duokit.models import load_vlm
     from duokit.models.needlenet.config import text_config
@@ -128,10 +128,13 @@ def test_default_heads_are_the_shipped_models_and_variants_train_with_more_kv_he
     with pytest.raises(ValueError, match="multiples of 4"):
         TrainSettings(heads=64, kv_heads=8)  # head_dim 2 leaves no M-RoPE section for time
     shipped = json.loads((SHIPPED / "config.json").read_text())["text_config"]
-    default = text_config(TrainSettings())
+    recorded = json.loads((SHIPPED / "duokit.json").read_text())["training"]
+    assert (recorded["heads"], recorded["kv_heads"]) == (8, 8)  # NeedleNet v2
+    built = text_config(TrainSettings(heads=recorded["heads"], kv_heads=recorded["kv_heads"]))
     for key in ("num_attention_heads", "num_key_value_heads", "hidden_size", "num_hidden_layers"):
-        assert default[key] == shipped[key], key
-    assert default["rope_parameters"]["mrope_section"] == shipped["rope_parameters"]["mrope_section"]
+        assert built[key] == shipped[key], key
+    assert built["rope_parameters"]["mrope_section"] == shipped["rope_parameters"]["mrope_section"]
+    assert text_config(TrainSettings())["num_key_value_heads"] == 2  # the defaults stay v1's recipe
     assert text_config(TrainSettings(heads=8, kv_heads=8))["rope_parameters"]["mrope_section"] == [2, 3, 3]
     code = main(["needlenet", "train", "--out", str(tmp_path), "--heads", "8", "--kv-heads", "8",
                  "--recognition-steps", "0", "--steps", "2", "--batch-size", "2", "--curriculum", "2",

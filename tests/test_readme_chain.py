@@ -1,8 +1,8 @@
-"""README's NeedleNet command chain, run as written (on a smaller held-out set), reaches the accuracy the
-README promises for NeedleNet on its own format: every retrieval sub-task found, Overall well above chance.
+"""README's CPU chain for NeedleNet (`duokit synth` as README writes it, then `duokit eval --model needlenet` on
+that set), run as written, reaches the floors NeedleNet v2 was built for: retrieval >= 80%, Overall >= 50%.
 
 The commands are read from README.md, so the README cannot drift from what this test runs. Only the set
-size changes (`--per-task 30` -> 2, 18 samples) and paths move under a temporary folder.
+size is pinned (`--per-task 2`, 18 samples) and paths move under a temporary folder.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ RETRIEVAL = ("ret_edit1", "ret_insert1", "ret_insert2")
 
 
 def readme_chain() -> list[list[str]]:
-    """The `duokit synth` and `duokit eval` commands of README's NeedleNet block, as argument lists."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL)
-    block = next(b for b in blocks if "duokit eval --model needlenet" in b)
-    lines = re.sub(r"\\\n\s*", " ", block).splitlines()
+    """README's `duokit synth` command (the CPU chain's data) and its `duokit eval --model needlenet` command
+    on that data, as argument lists."""
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), re.DOTALL))
+    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
     commands = [shlex.split(line.split("#")[0]) for line in lines if line.startswith(("duokit synth", "duokit eval"))]
-    assert [c[1] for c in commands] == ["synth", "eval"], commands
-    return commands
+    synth = next(c for c in commands if c[1] == "synth")
+    data = synth[synth.index("--out") + 1]
+    evaluate = next(c for c in commands if c[1] == "eval" and "needlenet" in c and f"{data}/annotations.json" in c)
+    return [synth, evaluate]
 
 
 def test_readme_needlenet_chain_runs_as_written_and_reads_its_format(tmp_path, monkeypatch):
@@ -43,7 +45,7 @@ def test_readme_needlenet_chain_runs_as_written_and_reads_its_format(tmp_path, m
     assert scores["n_samples"] == 18
     retrieval = [scores["subtasks"][name]["accuracy"] for name in RETRIEVAL]
     assert sum(retrieval) / len(retrieval) >= 0.8, retrieval  # issue floor: >= 80% retrieval
-    assert scores["overall"] >= 0.4, scores["overall"]  # chance is 1/256 on 4 tries
+    assert scores["overall"] >= 0.5, scores["overall"]  # issue floor; chance is 1/256 on 4 tries
 
 
 @pytest.mark.parametrize("needle", ["--per-task", "--frames 32", "--model needlenet"])
