@@ -22,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +65,30 @@ def command(processes: int, eval_args: list[str], threads: int | None) -> list[s
             "--dynamo_backend", "no", "--main_process_port", str(port), *per_process, "-m", "duokit", *eval_args]
 
 
+def time_launches(root: Path, counts: list[int], repeats: int, threads: int | None,
+                  outcome: Callable[[Path], Any], duokit_args: Callable[[Path], list[str]],
+                  prepare: Callable[[Path], None] = lambda run: None) -> dict[int, list[float]]:
+    """Wall seconds of `duokit ARGS` (`duokit_args(run)`) launched with each process count in `counts`,
+    interleaved over `repeats` so machine load hits them alike; every run's `outcome(run)` must equal the
+    first's (the sharded result is the single-process one)."""
+    walls: dict[int, list[float]] = {n: [] for n in counts}
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    reference = None
+    for repeat in range(repeats):
+        for n in counts:
+            run = root / f"run-{n}-{repeat}"
+            prepare(run)
+            started = time.perf_counter()
+            subprocess.run(command(n, duokit_args(run), threads), check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env)
+            walls[n].append(time.perf_counter() - started)
+            reference = reference or outcome(run)
+            if outcome(run) != reference:
+                raise SystemExit(f"{n} processes gave another result than the first run")
+            print(f"repeat {repeat}: {n} process(es) {walls[n][-1]:.1f} s", flush=True)
+    return walls
+
+
 def answers(run: Path) -> list[tuple]:
     lines = (run / "predictions.jsonl").read_text().splitlines()
     return [(r["record_id"], r["raw_output"], r["correct"]) for r in map(json.loads, lines)]
@@ -84,22 +110,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="sharded-eval-"))
     try:
         annotations, videos = write_set(root, args.samples, args.size)
-        walls: dict[int, list[float]] = {n: [] for n in counts}
-        reference = None
-        for repeat in range(args.repeats):
-            for n in counts:
-                run = root / f"run-{n}-{repeat}"
-                eval_args = ["eval", "--model", args.model, "--annotations", str(annotations), "--videos",
-                             str(videos), "--frames", str(args.frames), "--out", str(run), "--device", args.device]
-                started = time.perf_counter()
-                env = os.environ if args.threads is None else {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                subprocess.run(command(n, eval_args, args.threads), check=True, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env)
-                walls[n].append(time.perf_counter() - started)
-                reference = reference or answers(run)
-                if answers(run) != reference:
-                    raise SystemExit(f"{n} processes gave other answers than the first run")
-                print(f"repeat {repeat}: {n} process(es) {walls[n][-1]:.1f} s", flush=True)
+        walls = time_launches(root, counts, args.repeats, args.threads, answers, lambda run: [
+            "eval", "--model", args.model, "--annotations", str(annotations), "--videos", str(videos),
+            "--frames", str(args.frames), "--out", str(run), "--device", args.device])
         print(f"\n{args.samples} samples x 4 tries, {args.model}, {args.frames} frames of {args.size} px, "
               f"device {args.device}, {os.cpu_count()} CPUs, threads per process: "
               f"{args.threads or 'launcher default (plain: one per core; accelerate: 1)'}")

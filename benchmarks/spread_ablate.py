@@ -16,13 +16,11 @@ import csv
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
-from sharded_eval import command
+from sharded_eval import time_launches
 
 # results.csv columns measured by the clock or the process (they differ between any two runs).
 MEASURED = {"prefill_s", "decode_s_per_token", "peak_growth_bytes_median"}
@@ -60,21 +58,9 @@ def main() -> None:
 
         template = root / "template"  # the data set, written once
         cells = len(ablate.plan(parse_config(spec), template, progress=False)[0])
-        walls: dict[int, list[float]] = {n: [] for n in counts}
-        reference = None
-        for repeat in range(args.repeats):
-            for n in counts:
-                run = root / f"run-{n}-{repeat}"
-                shutil.copytree(template / "data", run / "data")
-                started = time.perf_counter()
-                env = os.environ if args.threads is None else {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                subprocess.run(command(n, ["ablate", "--config", str(path), "--out", str(run)], args.threads),
-                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-                walls[n].append(time.perf_counter() - started)
-                reference = reference or results(run)
-                if results(run) != reference:
-                    raise SystemExit(f"{n} processes gave other results than the first run")
-                print(f"repeat {repeat}: {n} process(es) {walls[n][-1]:.1f} s", flush=True)
+        walls = time_launches(root, counts, args.repeats, args.threads, results,
+                              lambda run: ["ablate", "--config", str(path), "--out", str(run)],
+                              prepare=lambda run: shutil.copytree(template / "data", run / "data"))
         print(f"\n{cells} cells x {9 * args.per_task} samples, needlenet, 32 frames, CPU, {os.cpu_count()} CPUs, "
               f"threads per process: {args.threads or 'launcher default (plain: one per core; accelerate: 1)'}")
         base = min(walls[counts[0]])
