@@ -117,10 +117,11 @@ else:
 # Ret I-2) almost always right, far above the 1/256 chance of getting all 4 tries right, and the ordering
 # and counting questions in part (docs/needlenet.md, "Measured accuracy"). With 3 samples per sub-task one
 # sample moves a sub-task by 33 points, so only large differences mean anything here; `duokit demo`
-# (docs/demo.md) measures the same comparison on 144 samples. Measured 2026-12-06 with this notebook's CPU
-# defaults after 01 and 02 (`python -m pytest notebooks/`, 2 CPU cores): Overall 4-try 51.9% for the
-# baseline and 44.4% for DuoAttention at 50% (retrieval 100% and 88.9%, ordering 22.2% for both), with
-# DuoAttention holding 0.086 MiB of KV cache per sample against the baseline's 0.135 MiB.
+# (docs/demo.md) measures the same comparison on 144 samples. Measured 2026-12-06 on NeedleNet v2 with this
+# notebook's CPU defaults after 01 and 02 (each run with papermill, `-p MOUNT_DRIVE False`, one torch thread;
+# 23 s, 71 s and 44 s on 2 CPU cores): Overall 4-try 59.3% for the baseline and 44.4% for DuoAttention at 50%
+# (retrieval 100% and 77.8%, ordering 55.6% and 33.3%, counting 22.2% for both), with DuoAttention holding
+# 0.176 MiB of KV cache per sample against the baseline's 0.270 MiB.
 
 # %%
 from duokit.eval_command import run_eval
