@@ -2,12 +2,12 @@
 
 One fresh held-out synthetic set (the synthesizer's eval split at a seed no other document uses; never
 VNBench), NeedleNet (docs/needlenet.md) at `--frames` uniformly sampled frames, the engine's
-`answer_tries` (prefix once, 4 tries, greedy), the scorer's 4-try circular score. Rows: the baseline,
-then `llamb` with scene and uniform segmentation at each `--memory` size (attention-selected memory,
-k = `--segments` boundaries). For each llamb row it also reports, per family, the needles that survive
-the prefill: a needle (an occurrence whose frames were sampled) is kept at a layer when at least one
-token of a temporal group showing it is in that layer's cache after the prefill (system + memory +
-last segment). Counting and ordering need every needle.
+`answer_tries` (prefix once, 4 tries decoded one by one, greedy), the scorer's 4-try circular score.
+Rows: the baseline, then `llamb` with scene and uniform segmentation at each `--memory` size
+(attention-selected memory, k = `--segments` boundaries). For each llamb row it also reports, per
+family, the needles that survive the prefill: a needle (an occurrence whose frames were sampled) is kept
+at a layer when at least one token of a temporal group showing it is in that layer's cache after the
+prefill (system + memory + last segment). Counting and ordering need every needle.
 
     nice -n 10 python benchmarks/llamb_needle.py --json docs/methods/llamb_needle.json
     python benchmarks/llamb_needle.py --no-baseline --segmentations uniform --json uniform.json   # one part
@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         with method.apply(model, adapter):
             for sample, records, inputs in samples:
                 tries = [Try(record.prompt, question_part(record.question)) for record in records]
-                result = answer_tries(lm, method, inputs, tries)
+                # One try at a time in every row (as `ablate`'s default decode_tries: one_by_one): the
+                # baseline would otherwise batch its 4 tries and hold them all beside the prefix, so its
+                # KV peak would not compare with llamb's, which decodes them one by one.
+                result = answer_tries(lm, method, inputs, tries, tries_together=False)
                 predictions += [prediction_record(record, answer.text, "text")
                                 for record, answer in zip(records, result.answers, strict=True)]
                 peaks.append(result.cost["kv_bytes_peak"])
