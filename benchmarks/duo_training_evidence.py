@@ -11,8 +11,9 @@ NeedleNet answers are one word). Evaluation: fresh eval-split samples of every s
 prefix-once/4-try greedy decoding with the `duo` method's split KV cache (streaming heads really keep
 sink + recent tokens), the scorer's 4-try circular accuracy with NeedleNet's answer parser.
 
-The evidence in docs/duo_training.md predates the one meaning of `recent` (training then counted the
-query among its recent tokens): its `--recent 16` is this script's `--recent 15`.
+docs/duo_training.md's historical evidence (NeedleNet v1, the 8 / 8 variant and earlier; not the v2 runs)
+predates the one meaning of `recent` (training then counted the query among its recent tokens): its
+`--recent 16` is this script's `--recent 15`, its `--recent 64` this script's `--recent 63`.
 """
 
 from __future__ import annotations
