@@ -209,11 +209,17 @@ def test_recognition_stage_trains_only_vision_and_embeddings_lowers_its_loss_and
     for name, value in build_model(processor.tokenizer, settings).state_dict().items():
         learns = ".visual." in f".{name}" or "embed_tokens" in name or name == "lm_head.weight"
         assert torch.equal(value, stopped["model"][name]) != learns, name
+    here = torch.backends.cpu.get_cpu_capability()
+    # The resume runs on "another CPU kind": the model must record both kinds it trained on.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER-ISA")
     train(settings, tmp_path / "resumed", progress=False)
     whole = torch.load(tmp_path / "whole" / "ckpt" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "resumed" / "ckpt" / "last.pt", weights_only=True)["model"]
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
+    kinds = {run: json.loads((tmp_path / run / "model" / DUOKIT_FILE).read_text())["cpu_capabilities"]
+             for run in ("whole", "resumed")}
+    assert kinds == {"whole": [here], "resumed": [here, "OTHER-ISA"]}
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped NeedleNet weights")

@@ -268,6 +268,11 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
         model.load_state_dict(saved.pop("model"))
         optimizer.load_state_dict(saved.pop("optimizer"))
         state = saved
+    # Float results depend on the CPU's vector kernels (AVX2 vs AVX-512): a retrain is bit-identical only on
+    # the same kind (docs/needlenet.md, "Reproducibility"), so the model records every kind it trained on.
+    capabilities = state.setdefault("cpu_capabilities", ["unknown"] if state["step"] or state["recognition_step"] else [])
+    if torch.backends.cpu.get_cpu_capability() not in capabilities:
+        capabilities.append(torch.backends.cpu.get_cpu_capability())
     if state["recognition_step"] < settings.recognition_steps:
         _pretrain_recognition(model, optimizer, processor, settings, state, out, progress, teacher)
     log = JsonlLog(out / "train_log.jsonl", key="step")
@@ -325,7 +330,7 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     model.eval()
     save_model(model, processor, settings, out / "model",
                {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]] if settings.steps else None,
-                **{key: state[key] for key in ("init_vision_sha256", "init_sha256") if key in state}})
+                **{key: state[key] for key in ("init_vision_sha256", "init_sha256", "cpu_capabilities") if key in state}})
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
 
@@ -344,5 +349,5 @@ def export_checkpoint(out: str | Path) -> Path:
     model.load_state_dict(saved["model"])
     return save_model(model.eval(), processor, settings, out / "model",
                       {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]] if settings.steps else None,
-                       **{key: saved[key] for key in ("init_vision_sha256", "init_sha256") if key in saved}})
+                       **{key: saved[key] for key in ("init_vision_sha256", "init_sha256", "cpu_capabilities") if key in saved}})
 
