@@ -239,6 +239,12 @@ def _pretrain_recognition(model, optimizer, processor, settings: TrainSettings, 
     bar.close()
 
 
+def _record(settings: TrainSettings, state: dict) -> dict:
+    """What duokit.json records of a run's state: steps, last frame count, the inits' sha256, CPU kinds."""
+    return {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]] if settings.steps else None,
+            **{key: state[key] for key in ("init_vision_sha256", "init_sha256", "cpu_capabilities") if key in state}}
+
+
 def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> dict:
     """Train (or resume) into `out`; returns the final state (step, stage frames, last losses)."""
     from tqdm.auto import tqdm
@@ -271,8 +277,9 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
     # Float results depend on the CPU's vector kernels (AVX2 vs AVX-512): a retrain is bit-identical only on
     # the same kind (docs/needlenet.md, "Reproducibility"), so the model records every kind it trained on.
     capabilities = state.setdefault("cpu_capabilities", ["unknown"] if state["step"] or state["recognition_step"] else [])
-    if torch.backends.cpu.get_cpu_capability() not in capabilities:
-        capabilities.append(torch.backends.cpu.get_cpu_capability())
+    kind = torch.backends.cpu.get_cpu_capability()
+    if kind not in capabilities:
+        capabilities.append(kind)
     if state["recognition_step"] < settings.recognition_steps:
         _pretrain_recognition(model, optimizer, processor, settings, state, out, progress, teacher)
     log = JsonlLog(out / "train_log.jsonl", key="step")
@@ -328,9 +335,7 @@ def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> di
             _save_checkpoint(checkpoint, model, optimizer, state)
     bar.close()
     model.eval()
-    save_model(model, processor, settings, out / "model",
-               {"steps": state["step"], "final_frames": settings.curriculum[state["stage"]] if settings.steps else None,
-                **{key: state[key] for key in ("init_vision_sha256", "init_sha256", "cpu_capabilities") if key in state}})
+    save_model(model, processor, settings, out / "model", _record(settings, state))
     return {"step": state["step"], "frames": settings.curriculum[state["stage"]],
             "log": log.records[-1] if log.records else None}
 
@@ -347,7 +352,5 @@ def export_checkpoint(out: str | Path) -> Path:
     processor = build_processor()
     model = build_model(processor.tokenizer, settings)
     model.load_state_dict(saved["model"])
-    return save_model(model.eval(), processor, settings, out / "model",
-                      {"steps": saved["step"], "final_frames": settings.curriculum[saved["stage"]] if settings.steps else None,
-                       **{key: saved[key] for key in ("init_vision_sha256", "init_sha256", "cpu_capabilities") if key in saved}})
+    return save_model(model.eval(), processor, settings, out / "model", _record(settings, saved))
 
