@@ -222,6 +222,13 @@ def expand(config: AblationConfig, shape: InputShape, prepared: dict[str, str]) 
     return cells
 
 
+def log(line: str) -> None:
+    """One line to stderr in one write: ranks share the stream, and `print` writes the text and its newline
+    separately (stderr is unbuffered), so another rank's line could land inside ours."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def check_plan(out: Path, config: AblationConfig, cells: list[Cell], raw: Any) -> None:
     """Refuse, before any cell runs, cells whose spec differs from the one DIR/ablate.json recorded for
     them (naming each cell and its differing keys); new cells may be added. Then record the plan."""
@@ -368,8 +375,7 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     # gated cells of every rank need the gates, and gate training is one process anyway (docs/scaling.md).
     if world.is_main:
         for name in config.skipped:
-            print(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit",
-                  file=sys.stderr)
+            log(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit")
         cells, records, shape = plan(config, out, progress)
         check_plan(out, config, cells, raw)
     world.barrier()
@@ -378,13 +384,13 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     mine, label = cells, ""
     if world.size > 1:
         mine, label = my_cells(world, cells, out, shape), f"rank {world.rank}/{world.size} "
-        print(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}", file=sys.stderr)
+        log(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}")
     for number, cell in enumerate(mine, 1):
         started = time.perf_counter()
         summary = run_cell(config, cell, out, shape.annotations, shape.videos, world.alone())
         if progress:
-            print(f"{label}[{number}/{len(mine)}] {cell.folder}: Overall {100 * summary['scores']['overall']:.1f}% "
-                  f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+            log(f"{label}[{number}/{len(mine)}] {cell.folder}: Overall {100 * summary['scores']['overall']:.1f}% "
+                f"({time.perf_counter() - started:.1f} s)")
     world.barrier()  # every cell's summary.json is written
     if world.is_main:
         write_results(out, config, cell_rows(config, cells, out, records), raw)
