@@ -222,13 +222,6 @@ def expand(config: AblationConfig, shape: InputShape, prepared: dict[str, str]) 
     return cells
 
 
-def log(line: str) -> None:
-    """One line to stderr in one write: ranks share the stream, and `print` writes the text and its newline
-    separately (stderr is unbuffered), so another rank's line could land inside ours."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def check_plan(out: Path, config: AblationConfig, cells: list[Cell], raw: Any) -> None:
     """Refuse, before any cell runs, cells whose spec differs from the one DIR/ablate.json recorded for
     them (naming each cell and its differing keys); new cells may be added. Then record the plan."""
@@ -366,7 +359,7 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     ranks the main rank alone makes the data set, runs the preparations and records the plan while the
     others wait at a barrier; then each rank runs its share of the cells (`my_cells`) whole, alone; after
     a second barrier the main rank writes the results, which every rank returns."""
-    from duokit.distributed import current_world
+    from duokit.distributed import current_world, log_line
 
     config, raw = _config(config)
     out = Path(out)
@@ -375,7 +368,7 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     # gated cells of every rank need the gates, and gate training is one process anyway (docs/scaling.md).
     if world.is_main:
         for name in config.skipped:
-            log(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit")
+            log_line(f"ablate: skipping optional row {name!r}: its method is not registered in this duokit")
         cells, records, shape = plan(config, out, progress)
         check_plan(out, config, cells, raw)
     world.barrier()
@@ -384,13 +377,13 @@ def run_ablation(config: AblationConfig | str | Path | dict, out: str | Path, pr
     mine, label = cells, ""
     if world.size > 1:
         mine, label = my_cells(world, cells, out, shape), f"rank {world.rank}/{world.size} "
-        log(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}")
+        log_line(f"{label}cells: {len(mine)} of {len(cells)}: {' '.join(cell.folder for cell in mine)}")
     for number, cell in enumerate(mine, 1):
         started = time.perf_counter()
         summary = run_cell(config, cell, out, shape.annotations, shape.videos, world.alone())
         if progress:
-            log(f"{label}[{number}/{len(mine)}] {cell.folder}: Overall {100 * summary['scores']['overall']:.1f}% "
-                f"({time.perf_counter() - started:.1f} s)")
+            log_line(f"{label}[{number}/{len(mine)}] {cell.folder}: "
+                     f"Overall {100 * summary['scores']['overall']:.1f}% ({time.perf_counter() - started:.1f} s)")
     world.barrier()  # every cell's summary.json is written
     if world.is_main:
         write_results(out, config, cell_rows(config, cells, out, records), raw)

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -123,6 +124,14 @@ class World:
             rank, _, count = spec.partition(":")
             if int(rank) == launched_rank() and done >= int(count):
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def log_line(line: str) -> None:
+    """One line to stderr in one write. Ranks share the stream and stderr is unbuffered: `print` writes the
+    text and its newline separately, so another rank's line could land inside ours (a write of under
+    PIPE_BUF bytes to a pipe is atomic)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def current_world(cpu: bool = False) -> World:

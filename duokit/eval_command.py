@@ -260,7 +260,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     from tqdm.auto import tqdm
 
     from duokit.data.scoring import PARSERS, score_predictions
-    from duokit.distributed import current_world, merge_shards, shard_path
+    from duokit.distributed import current_world, log_line, merge_shards, shard_path
     from duokit.engine import DEFAULT_CHUNK_SIZE, LM, MAX_NEW_TOKENS
     from duokit.io import JsonlLog, atomic_write_json
     from duokit.methods import get_method
@@ -334,8 +334,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
             if world.size > 1:
                 mine = world.share(todo, predicted_costs(todo, sizes, lambda h, w: plan(h, w).prefix_tokens))
                 shard = JsonlLog(shard_path(out, world.rank, world.size), key="record_id")
-                print(f"rank {world.rank}/{world.size} on {device}: {len(mine)} of {len(todo)} samples",
-                      file=sys.stderr)
+                log_line(f"rank {world.rank}/{world.size} on {device}: {len(mine)} of {len(todo)} samples")
             initial = len(samples) - len(todo) if world.size == 1 else 0
             bar = tqdm(mine, desc="eval", unit="sample", initial=initial, total=initial + len(mine),
                        disable=not world.is_main)
