@@ -238,4 +238,4 @@ def test_cli_errors_without_a_traceback(tmp_path):
     assert code == 1 and "no such config file" in err and "Traceback" not in err
     code, _, err = run_cli(["ablate", "--out", str(tmp_path / "o")])
     assert code == 1 and "give --config" in err
-    assert json.dumps(SMALL)  # the module's config is plain data (what notebooks pass)
+    assert json.loads(json.dumps(SMALL)) == SMALL  # the module's config is plain data (what notebooks pass)

@@ -5,7 +5,6 @@ with 1) with nothing recomputed. Plus the cost rule and the refusal of a rank th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import json
@@ -16,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from _threads import one_thread
 from test_distributed import TRIES_TOGETHER_COSTS, deterministic, launch
 
 from duokit import ablate, eval_command
@@ -40,19 +39,6 @@ TINY = {
 CELLS = ["cells/baseline/settings", "cells/random_drop/rho0.5", "cells/duo/rho0.5"]
 # results.csv columns measured by the clock or the process (they differ between any two runs).
 MEASURED_COLUMNS = {"prefill_s", "decode_s_per_token", "peak_growth_bytes_median"}
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One torch thread, as in the launched processes (OMP_NUM_THREADS=1), so that the reference sums as
-    they do: a sum split over another number of threads (MKL may also use fewer than asked on a busy
-    machine) can differ in its last bits, enough to flip a near-tie between two answer tokens."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -572,18 +571,35 @@ def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+# The command line of `train_duo`, in a process that SIGKILLs itself right after writing the checkpoint of
+# step argv[1]: the crash lands at a known step however loaded the machine is.
+DIE_AFTER_CHECKPOINT = """
+import os, signal, sys
+from duokit.cli import main
+from duokit.methods.duo import checkpoint
+
+save, die_at = checkpoint.save_checkpoint, int(sys.argv[1])
+
+def save_then_die(run_dir, state):
+    path = save(run_dir, state)
+    if state["step"] == die_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+checkpoint.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_then_resume_gives_bit_identical_gates(tmp_path):
     steps, save_every = 9, 3
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     command = train_duo(killed, "--steps", str(steps), "--save-every", str(save_every))
-    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / CHECKPOINT_FILE).exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    first = subprocess.run([sys.executable, "-c", DIE_AFTER_CHECKPOINT, str(save_every), *command[3:]],
+                           check=False, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
     saved = load_checkpoint(killed)
-    assert saved is not None and save_every <= saved["step"] < steps, "the run must die after its first checkpoint"
+    assert saved is not None and saved["step"] == save_every, "the run must die after its first checkpoint"
     subprocess.run(command, env=subprocess_env(), check=True, capture_output=True)  # the same command resumes
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the subprocesses

@@ -111,7 +111,7 @@ def test_stopwatch_accumulates():
     for _ in range(2):
         with watch:
             time.sleep(0.01)
-    assert 0.02 <= watch.seconds < 1.0
+    assert 0.02 <= watch.seconds < 10  # the bound above only catches a unit slip: a busy CPU stretches sleeps
 
 
 def test_summarize_cost_aggregates_every_numeric_key():

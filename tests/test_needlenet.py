@@ -149,9 +149,11 @@ def test_the_shipped_config_is_what_its_recorded_training_builds_and_variants_tr
 def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     from duokit.models import load_vlm
 
+    threads = torch.get_num_threads()
     settings = TrainSettings(recognition_steps=0, steps=24, batch_size=4, curriculum=(2,), warmup_steps=2,
-                             workers=0, log_every=4, checkpoint_every=12)
+                             workers=0, log_every=4, checkpoint_every=12, threads=threads + 1)
     train(settings, tmp_path, progress=False)
+    assert torch.get_num_threads() == threads  # the caller's count back: later tests must not inherit ours
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses
     assert (tmp_path / "ckpt" / "last.pt").exists()

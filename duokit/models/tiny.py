@@ -68,8 +68,13 @@ def tiny_path(family: str, seed: int = TINY_SEED) -> Path:
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny model 'tiny:{family}'; known: "
                          + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
-    # The builder's source hash is part of the name, so editing this module never reuses a stale model.
-    version = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    # The builder's source and the libraries that build and save the model are part of the name, so neither
+    # an edit of this module nor an upgrade of torch or transformers reuses a model saved before it.
+    import torch
+    import transformers
+
+    built_by = Path(__file__).read_bytes() + f"{torch.__version__} {transformers.__version__}".encode()
+    version = hashlib.sha256(built_by).hexdigest()[:10]
     path = cache_root() / "tiny" / f"{family}-{seed}-{version}"
     if not (path / "config.json").exists():
         _build_and_save(family, seed, path)

@@ -246,16 +246,24 @@ def _record(settings: TrainSettings, state: dict) -> dict:
 
 
 def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> dict:
-    """Train (or resume) into `out`; returns the final state (step, stage frames, last losses)."""
+    """Train (or resume) into `out`; returns the final state (step, stage frames, last losses). Runs on
+    `settings.threads` threads and gives the caller back its own count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _train(settings, Path(out), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(settings: TrainSettings, out: Path, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings.to_json():
         raise ValueError(f"{settings_path}: {out} holds a run with other settings; use a new --out or delete it")
     atomic_write_json(settings_path, settings.to_json())
-    torch.set_num_threads(settings.threads)
     processor = build_processor()
     model = build_model(processor.tokenizer, settings).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=settings.betas,
