@@ -13,6 +13,7 @@ RUN/predictions.rank{R}-of-{N}.jsonl, and the main process merges them into pred
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 # Config keys that decide what the predictions are; a resumed run must agree on all of them. The chunk
 # size is one: a method may attend differently per chunk (duo's full_first_chunk).
 RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_new_tokens",
-                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size")
+                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size", "inputs")
 
 # Short flags kept from before `--set` existed (`--pattern DIR --sparsity 0.5 --sink 64 --recent 256`):
 # each is `--set NAME=VALUE`, typed and checked by whichever method is chosen. Method classes are not
@@ -117,6 +118,23 @@ def select_samples(annotations: str | Path, per_task: int | None, seed: int) -> 
     return samples if per_task is None else stratified_subset(samples, per_task, seed)
 
 
+def input_fingerprint(annotations: str | Path, samples: list, videos: str | Path) -> str:
+    """sha256 of the annotation file's bytes and of each sample's video name and byte size (-1 when
+    missing). Sample ids say nothing of the videos (a synthetic set re-made at another size keeps its ids),
+    so a resume must not reuse predictions made on other inputs; sizes, not contents, keep this a moment's
+    work on VNBench's gigabytes."""
+    from duokit.data.vnbench import resolve_video
+
+    digest = hashlib.sha256(Path(annotations).read_bytes())
+    for name in sorted({sample.video_name for sample in samples}):
+        try:
+            size = resolve_video(name, videos).stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"\n{name}\t{size}".encode())
+    return digest.hexdigest()
+
+
 def check_config(out: Path, config: dict) -> dict:
     """`config` as RUN/config.json stores it, after checking that an existing one describes the same run."""
     from duokit.io import read_json
@@ -128,7 +146,9 @@ def check_config(out: Path, config: dict) -> dict:
         changed = [key for key in RUN_IDENTITY if previous.get(key) != config.get(key)]
         if changed:
             values = "; ".join(f"{key}: {previous.get(key)!r} -> {config.get(key)!r}" for key in changed
-                               if key != "samples")
+                               if key not in ("samples", "inputs"))
+            if "inputs" in changed:
+                values += f"{'; ' if values else ''}the annotation file or the videos changed since it began"
             raise ValueError(f"{path}: this run directory holds a different run (differs in: "
                              f"{', '.join(changed)}{'; ' + values if values else ''}); use a new --out, "
                              "or delete the directory to start over")
@@ -300,7 +320,8 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         "chunk_size": chunk_size, "dtype": str(dtype).removeprefix("torch."), "device": device_kind(device),
         "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "min_pixels": min_pixels,
         "attn_implementation": attn_implementation, "decode_tries": decode_tries,
-        "samples": [sample.sample_id for sample in samples], "versions": versions(),
+        "samples": [sample.sample_id for sample in samples],
+        "inputs": input_fingerprint(annotations, samples, videos), "versions": versions(),
     })
     order = [record.record_id for sample in samples for record in sample.tries]
     # Shards left by a killed sharded run (any N) count as done: fold them in before anyone reads the log.

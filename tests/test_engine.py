@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import FrozenInstanceError, dataclass, replace
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -350,6 +351,11 @@ def test_eval_cli_writes_a_resumable_run(tmp_path, capsys, monkeypatch):
     # The same directory with other settings is refused with one clear message.
     assert main(eval_args(annotations, videos, run, frames_count=6)) == 1
     assert "differs in: frames" in capsys.readouterr().err
+    # So are other videos under the same names (a synthetic set re-made at another size keeps its ids).
+    video = next(path for path in Path(videos).iterdir() if path.stat().st_size > 1000)
+    video.write_bytes(video.read_bytes() + b"\0")
+    assert main(eval_args(annotations, videos, run)) == 1
+    assert "differs in: inputs; the annotation file or the videos changed" in capsys.readouterr().err
 
 
 def test_eval_cli_reports_bad_input(tmp_path, capsys):
