@@ -54,7 +54,9 @@ folders = colab_setup(mount=MOUNT_DRIVE)
 
 # %% [markdown]
 # What are we running on. duokit's dtype rule: float32 on CPU, bfloat16 from compute capability 8.0
-# (L4, A100, H100); what it does on older GPUs (T4) is in docs/colab.md.
+# (L4, A100, H100); on older GPUs (T4) float16, except Qwen-VL models, which overflow in float16: float32
+# where their weights fit, refused otherwise — Qwen2.5-VL-3B is (docs/architecture.md, "dtype on GPUs without
+# bfloat16"). The GPU line says which sizes fit.
 
 # %%
 from duokit.runtime import describe_runtime

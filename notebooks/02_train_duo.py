@@ -76,12 +76,15 @@ from duokit.runtime import colab_setup
 folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 
 # %% [markdown]
-# Settings derived from the parameters, and where the run and the pattern go.
+# Settings derived from the parameters, and where the run and the pattern go. The model is checked against
+# this GPU from its config alone: on a GPU without bfloat16 (a T4) Qwen2.5-VL-3B cannot run — it overflows
+# in float16 and its float32 weights do not fit (docs/architecture.md) — so the cell stops here, before any
+# download, and says what to change.
 
 # %%
 import torch
 
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 if not torch.cuda.is_available() and ON_CPU == "needlenet":
     from duokit.models.needlenet import config as needlenet
@@ -92,7 +95,7 @@ if not torch.cuda.is_available() and ON_CPU == "needlenet":
            "of Qwen2.5-VL's; use a GPU runtime for the real model.")
 run_dir = folders.runs / f"train_duo-{model_slug(MODEL)}"
 pattern_dir = folders.pattern(MODEL)
-print(f"model {MODEL}\nrun directory: {run_dir}\npattern for 03: {pattern_dir}")
+print(f"{check_gpu_for_model(MODEL)}\nrun directory: {run_dir}\npattern for 03: {pattern_dir}")
 
 # %% [markdown]
 # Train (or resume). The progress bar shows the loss and the gate statistics.

@@ -72,14 +72,16 @@ folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 # %% [markdown]
 # Settings derived from the parameters. The CPU recipe evaluates NeedleNet at the 32 frames it was trained
 # at, on the 27-sample set 01 wrote (3 per sub-task), with 02's training window 4 + 16 deployed as it is
-# (`recent` means the same in training and inference, docs/duoattention.md).
+# (`recent` means the same in training and inference, docs/duoattention.md). The model is checked against
+# this GPU from its config alone, so a T4, where Qwen2.5-VL-3B cannot run (no bfloat16; docs/architecture.md),
+# stops here, before the videos are unpacked or the weights downloaded, with what to change.
 
 # %%
 from pathlib import Path
 
 import torch
 
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 if not torch.cuda.is_available() and ON_CPU == "needlenet":
     MODEL, DATASET, FRAMES, PER_TASK, SINK, RECENT = "needlenet", "synth", 32, 3, 4, 16
@@ -88,7 +90,7 @@ if not torch.cuda.is_available() and ON_CPU == "needlenet":
 data_dir = folders.data / DATASET
 pattern_dir = Path(PATTERN) if PATTERN else folders.pattern(MODEL)
 runs = folders.runs / f"eval-{model_slug(MODEL)}-{DATASET}"
-print(f"model {MODEL}\ndata: {data_dir}\npattern: {pattern_dir}\nruns: {runs}")
+print(f"{check_gpu_for_model(MODEL)}\ndata: {data_dir}\npattern: {pattern_dir}\nruns: {runs}")
 
 # %% [markdown]
 # Find what 01 and 02 left. VNBench's videos are unpacked from the zip on Drive to this VM's disk if they

@@ -81,7 +81,9 @@ folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 # The configuration. The CPU recipe (CI-sized): NeedleNet at the 32 frames it was trained at, 1 sample per
 # sub-task of a synthetic set written into the run, one budget, Duo's window 4 + 16 (NeedleNet's whole
 # context is about 70 tokens) and 30 gate-training steps unless 02 left a pattern; `duokit ablate --example
-# cpu` is the larger CPU comparison. On a GPU the data is VNBench from
+# cpu` is the larger CPU comparison. On a GPU the model is first checked against the GPU from its config
+# alone, so a T4, where Qwen2.5-VL-3B cannot run (no bfloat16; docs/architecture.md), stops here, before
+# the videos are unpacked or the weights downloaded, with what to change; the data is VNBench from
 # Drive (unpacked to this VM's disk if needed; nothing is downloaded here). A `CONFIG` file replaces all of
 # this (`duokit ablate --example gpu` prints the GPU one).
 
@@ -92,7 +94,7 @@ import torch
 import yaml
 
 from duokit.ablate_config import standard_config
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 cpu_recipe = not torch.cuda.is_available() and ON_CPU == "needlenet"
 if cpu_recipe:
@@ -104,6 +106,7 @@ run_dir = folders.runs / f"ablate-{model_slug(MODEL)}-{DATASET}"
 if CONFIG is not None:
     config = yaml.safe_load(Path(CONFIG).read_text())
 else:
+    print(check_gpu_for_model(MODEL))
     if DATASET == "synth":
         data = {"synth": {"per_task": PER_TASK, "seed": 1}}  # written into the run on first use
     else:
