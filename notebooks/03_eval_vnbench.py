@@ -152,6 +152,8 @@ just_run = [str((runs / name).relative_to(folders.runs)) for name in ("baseline"
 
 
 def compare(selected):
+    if not folders.root.is_dir():  # the last cell's flush_drive unmounted Drive: mount it again
+        colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
     if not selected:
         print("select at least one run")
         return
@@ -170,8 +172,8 @@ picker = ipywidgets.SelectMultiple(options=list(choices), value=just_run, rows=m
 ipywidgets.interact_manual(compare, selected=picker);
 
 # %% [markdown]
-# On Colab: wait until the runs and the report are uploaded to Drive, and unmount it. Elsewhere this does
-# nothing.
+# On Colab: wait until the runs and the report are uploaded to Drive, and unmount it (the picker above
+# mounts it again when pressed later). Elsewhere this does nothing.
 
 # %%
 from duokit.runtime import flush_drive
