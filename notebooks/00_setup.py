@@ -31,7 +31,7 @@
 DUOKIT_REPO = "https://github.com/REPLACE-WITH-GITHUB-OWNER/duokit"  # or a local checkout's folder
 DUOKIT_REF = "main"        # branch, tag or commit that pip installs when duokit is missing
 MOUNT_DRIVE = True         # Colab: keep data and runs on Google Drive
-FLASH_ATTN = False         # try a prebuilt flash-attn wheel for this runtime (never a source build)
+FLASH_ATTN = False         # try a prebuilt flash-attn wheel on this VM only (never a source build; see below)
 
 # %% [markdown]
 # Set up this VM: install duokit if it is missing, mount Drive, create duokit's folders, read a Hub token
@@ -69,6 +69,10 @@ print(describe_runtime())
 # build takes hours on Colab). The script comes from a checkout of the repository (cloned here when
 # DUOKIT_REPO is a URL; `git clone --branch` needs DUOKIT_REF to be a branch or tag). Without flash-attn
 # duokit uses PyTorch's sdpa.
+#
+# It is installed on this VM only, and on Colab 02, 03 and 04 each run on a VM of their own: `FLASH_ATTN`
+# here does not reach them. What it tells you is whether a wheel exists for this runtime; to use it in a
+# later notebook, run this cell's commands in that notebook before its model loads.
 
 # %%
 if FLASH_ATTN:
