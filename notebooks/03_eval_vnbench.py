@@ -94,17 +94,19 @@ print(f"{check_gpu_for_model(MODEL)}\ndata: {data_dir}\npattern: {pattern_dir}\n
 
 # %% [markdown]
 # Find what 01 and 02 left. VNBench's videos are unpacked from the zip on Drive to this VM's disk if they
-# are not there yet (checked against the recorded sha256; nothing is downloaded here).
+# are not there yet (checked against the recorded sha256). Nothing is downloaded here: if 01's download did
+# not finish (its integrity record has no complete zip), the cell stops and says to run 01 again.
 
 # %%
-from duokit.data.manifest import INTEGRITY_FILE, fetch
+from duokit.data.manifest import fetch, unfinished
 
 if not (pattern_dir / "full_attention_heads.tsv").is_file():
     raise FileNotFoundError(f"no head pattern at {pattern_dir}: run 02_train_duo with MODEL={MODEL!r} first, "
                             "or set PATTERN")
 if DATASET == "vnbench":
-    if not (data_dir / INTEGRITY_FILE).is_file():
-        raise FileNotFoundError(f"no VNBench at {data_dir}: run 01_data with SOURCE='vnbench' first")
+    if (why := unfinished(data_dir)) is not None:
+        raise FileNotFoundError(f"VNBench at {data_dir} is not complete ({why}): run 01_data with "
+                                "SOURCE='vnbench' first (it resumes an interrupted download)")
     paths = fetch("all", data_dir, unpack_to=folders.local / "vnbench")
     annotations, videos = paths["annotations"], paths["videos"]
 else:

@@ -84,7 +84,8 @@ folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 # cpu` is the larger CPU comparison. On a GPU the model is first checked against the GPU from its config
 # alone, so a T4, where Qwen2.5-VL-3B cannot run (no bfloat16; docs/architecture.md), stops here, before
 # the videos are unpacked or the weights downloaded, with what to change; the data is VNBench from
-# Drive (unpacked to this VM's disk if needed; nothing is downloaded here). A `CONFIG` file replaces all of
+# Drive (unpacked to this VM's disk if needed; nothing is downloaded here: if 01's download did not finish,
+# the cell stops and says to run 01 again). A `CONFIG` file replaces all of
 # this (`duokit ablate --example gpu` prints the GPU one).
 
 # %%
@@ -110,10 +111,11 @@ else:
     if DATASET == "synth":
         data = {"synth": {"per_task": PER_TASK, "seed": 1}}  # written into the run on first use
     else:
-        from duokit.data.manifest import INTEGRITY_FILE, fetch
+        from duokit.data.manifest import fetch, unfinished
 
-        if not (folders.data / DATASET / INTEGRITY_FILE).is_file():
-            raise FileNotFoundError(f"no VNBench at {folders.data / DATASET}: run 01_data with SOURCE='vnbench' first")
+        if (why := unfinished(folders.data / DATASET)) is not None:
+            raise FileNotFoundError(f"VNBench at {folders.data / DATASET} is not complete ({why}): run 01_data "
+                                    "with SOURCE='vnbench' first (it resumes an interrupted download)")
         paths = fetch("all", folders.data / DATASET, unpack_to=folders.local / DATASET)
         data = {"annotations": str(paths["annotations"]), "videos": str(paths["videos"])}
     pattern_dir = Path(PATTERN) if PATTERN else folders.pattern(MODEL)
