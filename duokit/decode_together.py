@@ -1,6 +1,6 @@
 """The tries of one prefix decoded together: one batch, the shared prefix KV read once per step.
 
-VNBench asks each question four times, the options in four orders (docs/vnbench.md); the tries share
+VNBench asks each question four times, the options in four orders (docs/scoring.md); the tries share
 the whole prefix (system turn + video) and differ only in their short suffix. Decoded one after the
 other, each step of each try reads the model weights and the whole prefix KV: 4 × (suffix step +
 new tokens) reads of both. Decoded together, the batch of tries reads the weights once per step, and

@@ -245,6 +245,25 @@ def pick_dtype(device: str = "cpu"):
     return torch.bfloat16 if capability >= BF16_MIN_CAPABILITY else torch.float16
 
 
+def check_gpu_for_model(model: str) -> str:
+    """Fail fast where this machine's GPU cannot run `model`, before its weights or any data are fetched.
+
+    `load_vlm` refuses a Qwen-VL model on a GPU without bfloat16 (T4) when its float32 weights do not fit
+    (Qwen2.5-VL-3B: docs/architecture.md, "dtype on GPUs without bfloat16"); the same rule
+    (`duokit.models.resolve_precision`, from the model's config alone) is asked here, and the refusal
+    names the notebook's way out. Returns the line "model M: DTYPE on DEVICE"."""
+    from duokit.models import resolve_precision
+    from duokit.models.loading import NoSafeDtypeError
+
+    try:
+        device, dtype = resolve_precision(model)
+    except NoSafeDtypeError as err:
+        raise NoSafeDtypeError(
+            f"{err}. In the notebooks: Runtime > Change runtime type > L4 or A100 GPU, or set MODEL = "
+            "\"Qwen/Qwen2-VL-2B-Instruct\" (in 02, 03 and 04 alike: head patterns are per model)") from None
+    return f"model {model}: {str(dtype).removeprefix('torch.')} on {device}"
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -261,6 +280,13 @@ def gpu_line() -> str:
     memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
     major, minor = torch.cuda.get_device_capability(0)
     dtype = str(pick_dtype("cuda:0")).removeprefix("torch.")
+    if (major, minor) < BF16_MIN_CAPABILITY:
+        from duokit.models.loading import FP32_HEADROOM_BYTES
+
+        # Qwen-VL overflows in float16, so there it runs in float32 where it fits (docs/architecture.md).
+        largest = (memory_gib * 2**30 - FP32_HEADROOM_BYTES) / 4 / 1e9
+        dtype += (f"; Qwen-VL models float32 up to {largest:.2f}B parameters, larger ones refused (Qwen2-VL-2B "
+                  "has 2.21B, Qwen2.5-VL-3B 3.75B)")
     return f"GPU: {name}, {memory_gib:.1f} GiB, sm{major}{minor} -> {dtype}"
 
 

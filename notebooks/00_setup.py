@@ -31,7 +31,7 @@
 DUOKIT_REPO = "https://github.com/REPLACE-WITH-GITHUB-OWNER/duokit"  # or a local checkout's folder
 DUOKIT_REF = "main"        # branch, tag or commit that pip installs when duokit is missing
 MOUNT_DRIVE = True         # Colab: keep data and runs on Google Drive
-FLASH_ATTN = False         # try a prebuilt flash-attn wheel for this runtime (never a source build)
+FLASH_ATTN = False         # try a prebuilt flash-attn wheel on this VM only (never a source build; see below)
 
 # %% [markdown]
 # Set up this VM: install duokit if it is missing, mount Drive, create duokit's folders, read a Hub token
@@ -54,7 +54,9 @@ folders = colab_setup(mount=MOUNT_DRIVE)
 
 # %% [markdown]
 # What are we running on. duokit's dtype rule: float32 on CPU, bfloat16 from compute capability 8.0
-# (L4, A100, H100); what it does on older GPUs (T4) is in docs/colab.md.
+# (L4, A100, H100); on older GPUs (T4) float16, except Qwen-VL models, which overflow in float16: float32
+# where their weights fit, refused otherwise — Qwen2.5-VL-3B is (docs/architecture.md, "dtype on GPUs without
+# bfloat16"). The GPU line says which sizes fit.
 
 # %%
 from duokit.runtime import describe_runtime
@@ -67,6 +69,10 @@ print(describe_runtime())
 # build takes hours on Colab). The script comes from a checkout of the repository (cloned here when
 # DUOKIT_REPO is a URL; `git clone --branch` needs DUOKIT_REF to be a branch or tag). Without flash-attn
 # duokit uses PyTorch's sdpa.
+#
+# It is installed on this VM only, and on Colab 02, 03 and 04 each run on a VM of their own: `FLASH_ATTN`
+# here does not reach them. What it tells you is whether a wheel exists for this runtime; to use it in a
+# later notebook, run this cell's commands in that notebook before its model loads.
 
 # %%
 if FLASH_ATTN:

@@ -148,16 +148,18 @@ shares = [coverage_report(needles, lengths, n, fps=video_fps)["fully_covered_sha
 display(Image(filename=str(plot_coverage(FRAME_BUDGETS, shares, data_dir / "coverage.png"))))
 
 # %% [markdown]
-# One needle, as a model sees it: the frame nearest the first needle of a sample.
+# One needle, as a model sees it: of a sample's frames at the largest budget, the one nearest the middle of
+# its first needle. Only those frames are decoded: every frame of a minutes-long video would take gigabytes
+# of RAM.
 
 # %%
 import matplotlib.pyplot as plt
 
-from duokit.data.video import load_frames
+from duokit.data.video import NEEDLE_SECONDS, load_frames
 
 sample = samples[0]
-video = load_frames(Path(video_dir) / sample.video_name)
-needle_frame = int(abs(video.timestamps - sample.needle_time[0] - 0.5).argmin())
+video = load_frames(Path(video_dir) / sample.video_name, num_frames=max(FRAME_BUDGETS))
+needle_frame = int(abs(video.timestamps - sample.needle_time[0] - NEEDLE_SECONDS / 2).argmin())
 plt.imshow(video.frames[needle_frame])
 plt.title(f"{sample.subtask}: {sample.question}")
 plt.axis("off")

@@ -29,6 +29,10 @@
 # `MyDrive/duokit` on Colab): the training run `ROOT/runs/train_duo-<model>/` (checkpoints, plots) and the
 # finished pattern `ROOT/patterns/<model>/`, where 03_eval_vnbench reads it.
 #
+# On a GPU the recipe is `duokit train-duo`'s defaults (docs/duo_training.md): the official 2000 steps and
+# training window sink 128 + recent 256, on synthetic videos of 32, 64 and 128 frames of 448×252 px — 2,304
+# to 9,216 video tokens on Qwen2.5-VL-3B, planned to fit an L4 with gradient checkpointing.
+#
 # Without a GPU the model is NeedleNet, duokit's tiny trained video VLM (docs/needlenet.md), and a banner
 # says so: a random tiny model would answer at chance, so nothing measured on it would mean anything. Its
 # gates train on NeedleNet's own task data (its word-level tokenizer cannot read the generic training
@@ -48,10 +52,10 @@ HF_CACHE = None                # None: the VM's disk (downloaded per VM); "drive
 MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 STEPS = 2000                   # the official recipe
 SAVE_EVERY = 50                # the official cadence; a checkpoint is small (see docs/colab.md)
-FRAMES = [32]                  # frame counts of the synthetic training videos
-FRAME_SIZE = [448, 448]        # (width, height) of the training frames
+FRAMES = [32, 64, 128]         # frame counts of the synthetic training videos (train-duo's default)
+FRAME_SIZE = [448, 252]        # (width, height): train-duo's default, 72 tokens per frame on Qwen2.5-VL
 NEEDLES = [2, 5]               # needles per training video (min, max)
-SINK = 128                     # training window: the official sink 128 + recent 256
+SINK = 128                     # training window: the official sink 128 + recent 256 (03 deploys 64 + 256)
 RECENT = 256
 LOSS_POSITIONS = "answer"
 ON_CPU = "needlenet"           # without a GPU: "needlenet" swaps in NeedleNet's CPU recipe; "as-is" keeps these
@@ -76,12 +80,15 @@ from duokit.runtime import colab_setup
 folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 
 # %% [markdown]
-# Settings derived from the parameters, and where the run and the pattern go.
+# Settings derived from the parameters, and where the run and the pattern go. The model is checked against
+# this GPU from its config alone: on a GPU without bfloat16 (a T4) Qwen2.5-VL-3B cannot run — it overflows
+# in float16 and its float32 weights do not fit (docs/architecture.md) — so the cell stops here, before any
+# download, and says what to change.
 
 # %%
 import torch
 
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 if not torch.cuda.is_available() and ON_CPU == "needlenet":
     from duokit.models.needlenet import config as needlenet
@@ -92,7 +99,7 @@ if not torch.cuda.is_available() and ON_CPU == "needlenet":
            "of Qwen2.5-VL's; use a GPU runtime for the real model.")
 run_dir = folders.runs / f"train_duo-{model_slug(MODEL)}"
 pattern_dir = folders.pattern(MODEL)
-print(f"model {MODEL}\nrun directory: {run_dir}\npattern for 03: {pattern_dir}")
+print(f"{check_gpu_for_model(MODEL)}\nrun directory: {run_dir}\npattern for 03: {pattern_dir}")
 
 # %% [markdown]
 # Train (or resume). The progress bar shows the loss and the gate statistics.

@@ -72,14 +72,16 @@ folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 # %% [markdown]
 # Settings derived from the parameters. The CPU recipe evaluates NeedleNet at the 32 frames it was trained
 # at, on the 27-sample set 01 wrote (3 per sub-task), with 02's training window 4 + 16 deployed as it is
-# (`recent` means the same in training and inference, docs/duoattention.md).
+# (`recent` means the same in training and inference, docs/duoattention.md). The model is checked against
+# this GPU from its config alone, so a T4, where Qwen2.5-VL-3B cannot run (no bfloat16; docs/architecture.md),
+# stops here, before the videos are unpacked or the weights downloaded, with what to change.
 
 # %%
 from pathlib import Path
 
 import torch
 
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 if not torch.cuda.is_available() and ON_CPU == "needlenet":
     MODEL, DATASET, FRAMES, PER_TASK, SINK, RECENT = "needlenet", "synth", 32, 3, 4, 16
@@ -88,21 +90,23 @@ if not torch.cuda.is_available() and ON_CPU == "needlenet":
 data_dir = folders.data / DATASET
 pattern_dir = Path(PATTERN) if PATTERN else folders.pattern(MODEL)
 runs = folders.runs / f"eval-{model_slug(MODEL)}-{DATASET}"
-print(f"model {MODEL}\ndata: {data_dir}\npattern: {pattern_dir}\nruns: {runs}")
+print(f"{check_gpu_for_model(MODEL)}\ndata: {data_dir}\npattern: {pattern_dir}\nruns: {runs}")
 
 # %% [markdown]
 # Find what 01 and 02 left. VNBench's videos are unpacked from the zip on Drive to this VM's disk if they
-# are not there yet (checked against the recorded sha256; nothing is downloaded here).
+# are not there yet (checked against the recorded sha256). Nothing is downloaded here: if 01's download did
+# not finish (its integrity record has no complete zip), the cell stops and says to run 01 again.
 
 # %%
-from duokit.data.manifest import INTEGRITY_FILE, fetch
+from duokit.data.manifest import fetch, unfinished
 
 if not (pattern_dir / "full_attention_heads.tsv").is_file():
     raise FileNotFoundError(f"no head pattern at {pattern_dir}: run 02_train_duo with MODEL={MODEL!r} first, "
                             "or set PATTERN")
 if DATASET == "vnbench":
-    if not (data_dir / INTEGRITY_FILE).is_file():
-        raise FileNotFoundError(f"no VNBench at {data_dir}: run 01_data with SOURCE='vnbench' first")
+    if (why := unfinished(data_dir)) is not None:
+        raise FileNotFoundError(f"VNBench at {data_dir} is not complete ({why}): run 01_data with "
+                                "SOURCE='vnbench' first (it resumes an interrupted download)")
     paths = fetch("all", data_dir, unpack_to=folders.local / "vnbench")
     annotations, videos = paths["annotations"], paths["videos"]
 else:
@@ -150,6 +154,8 @@ just_run = [str((runs / name).relative_to(folders.runs)) for name in ("baseline"
 
 
 def compare(selected):
+    if not folders.root.is_dir():  # the last cell's flush_drive unmounted Drive: mount it again
+        colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
     if not selected:
         print("select at least one run")
         return
@@ -168,8 +174,8 @@ picker = ipywidgets.SelectMultiple(options=list(choices), value=just_run, rows=m
 ipywidgets.interact_manual(compare, selected=picker);
 
 # %% [markdown]
-# On Colab: wait until the runs and the report are uploaded to Drive, and unmount it. Elsewhere this does
-# nothing.
+# On Colab: wait until the runs and the report are uploaded to Drive, and unmount it (the picker above
+# mounts it again when pressed later). Elsewhere this does nothing.
 
 # %%
 from duokit.runtime import flush_drive

@@ -52,9 +52,12 @@ BUDGETS = [0.5, 0.25]          # retained visual-KV fractions
 METHODS = ["duo", "llavolta", "flex", "llamb", "vamba"]
 CONTROLS = True                # token-matched baselines, random dropping, random heads/selection, uniform segments
 PATTERN = None                 # a Duo pattern folder; None: ROOT/patterns/<model> from 02, else trained here
-GATE_STEPS = 2000              # steps when the gates are trained here (the official recipe)
+GATE_STEPS = 2000              # when the gates are trained here: 02's recipe (train-duo's defaults), 2000 steps,
+GATE_FRAMES = [32, 64, 128]    # frames of 448x252 px,
+GATE_SINK = 128                # and the official training window sink 128 + recent 256
+GATE_RECENT = 256
 LLAVOLTA_LAYER = 2             # the layer K where LLaVolta pools (2: its heavy setting)
-SINK = 64                      # Duo's deploy window: the paper's sink 64 + recent 256
+SINK = 64                      # Duo's deploy window: the paper's sink 64 + recent 256 (as 03)
 RECENT = 256
 ON_CPU = "needlenet"           # without a GPU: "needlenet" swaps in NeedleNet's CPU recipe; "as-is" keeps these
 
@@ -79,11 +82,17 @@ folders = colab_setup(mount=MOUNT_DRIVE, hf_cache=HF_CACHE)
 
 # %% [markdown]
 # The configuration. The CPU recipe (CI-sized): NeedleNet at the 32 frames it was trained at, 1 sample per
-# sub-task of a synthetic set written into the run, one budget, Duo's window 4 + 16 (NeedleNet's whole
-# context is about 70 tokens) and 30 gate-training steps unless 02 left a pattern; `duokit ablate --example
-# cpu` is the larger CPU comparison. On a GPU the data is VNBench from
-# Drive (unpacked to this VM's disk if needed; nothing is downloaded here). A `CONFIG` file replaces all of
-# this (`duokit ablate --example gpu` prints the GPU one).
+# sub-task of a synthetic set written into the run, one budget, Duo's window 4 + 16 in training and
+# deployment (NeedleNet's whole context is about 70 tokens) and 30 gate-training steps unless 02 left a
+# pattern; `duokit ablate --example cpu` is the larger CPU comparison.
+#
+# On a GPU this is the comparison of `duokit ablate --example gpu`: gates trained here (when 02 left no
+# pattern) follow 02's recipe, training window 128 + 256, and are deployed with the paper's 64 + 256. The
+# model is first checked against the GPU from its config alone, so a T4, where Qwen2.5-VL-3B cannot run (no
+# bfloat16; docs/architecture.md), stops here with what to change, before the videos are unpacked or the
+# weights downloaded. The data is VNBench from Drive, unpacked to this VM's disk if needed; nothing is
+# downloaded here: if 01's download did not finish, the cell stops and says to run 01 again. A `CONFIG` file
+# replaces all of this (`duokit ablate --example gpu` prints the GPU one).
 
 # %%
 from pathlib import Path
@@ -92,31 +101,34 @@ import torch
 import yaml
 
 from duokit.ablate_config import standard_config
-from duokit.runtime import banner, model_slug
+from duokit.runtime import banner, check_gpu_for_model, model_slug
 
 cpu_recipe = not torch.cuda.is_available() and ON_CPU == "needlenet"
 if cpu_recipe:
-    MODEL, DATASET, FRAMES, PER_TASK, BUDGETS, SINK, RECENT, GATE_STEPS = (
-        "needlenet", "synth", 32, 1, [0.5], 4, 16, 30)
+    MODEL, DATASET, FRAMES, PER_TASK, BUDGETS, SINK, RECENT = "needlenet", "synth", 32, 1, [0.5], 4, 16
+    GATE_STEPS, GATE_FRAMES, GATE_SINK, GATE_RECENT = 30, [32], SINK, RECENT
     banner("No GPU: CPU recipe. Comparing the methods on NeedleNet and a small synthetic set instead of "
            "Qwen2.5-VL on VNBench; use a GPU runtime for the real model.")
 run_dir = folders.runs / f"ablate-{model_slug(MODEL)}-{DATASET}"
 if CONFIG is not None:
     config = yaml.safe_load(Path(CONFIG).read_text())
 else:
+    print(check_gpu_for_model(MODEL))
     if DATASET == "synth":
         data = {"synth": {"per_task": PER_TASK, "seed": 1}}  # written into the run on first use
     else:
-        from duokit.data.manifest import INTEGRITY_FILE, fetch
+        from duokit.data.manifest import fetch, unfinished
 
-        if not (folders.data / DATASET / INTEGRITY_FILE).is_file():
-            raise FileNotFoundError(f"no VNBench at {folders.data / DATASET}: run 01_data with SOURCE='vnbench' first")
+        if (why := unfinished(folders.data / DATASET)) is not None:
+            raise FileNotFoundError(f"VNBench at {folders.data / DATASET} is not complete ({why}): run 01_data "
+                                    "with SOURCE='vnbench' first (it resumes an interrupted download)")
         paths = fetch("all", folders.data / DATASET, unpack_to=folders.local / DATASET)
         data = {"annotations": str(paths["annotations"]), "videos": str(paths["videos"])}
     pattern_dir = Path(PATTERN) if PATTERN else folders.pattern(MODEL)
     trained = (pattern_dir / "full_attention_heads.tsv").is_file()
     pattern = str(pattern_dir) if trained else "@duo_gates"
-    prepare = None if trained else {"duo_gates": {"steps": GATE_STEPS, "sink": SINK, "recent": RECENT}}
+    prepare = None if trained else {"duo_gates": {"steps": GATE_STEPS, "frames": GATE_FRAMES, "sink": GATE_SINK,
+                                                  "recent": GATE_RECENT}}
     config = standard_config(MODEL, data, FRAMES, None if DATASET == "synth" else PER_TASK, BUDGETS, METHODS,
                              pattern, SINK, RECENT, llavolta_layer=LLAVOLTA_LAYER, controls=CONTROLS,
                              optional=cpu_recipe, prepare=prepare,

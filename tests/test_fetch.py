@@ -208,6 +208,21 @@ def test_zip_kept_on_drive_unpacked_once_per_vm(tmp_path, manifest_path, monkeyp
     assert not (tmp_path / "vm3" / "VNBench_new").exists()
 
 
+def test_unfinished_until_the_whole_zip_is_recorded(tmp_path, manifest_path, monkeypatch):
+    """What 03 and 04 check before they unpack: an interrupted fetch (annotations recorded, the zip not) is
+    unfinished, so they refuse instead of starting the download themselves."""
+    assert "no annotations recorded" in mf.unfinished(tmp_path, manifest_path)
+    fakes(monkeypatch, drive=FakeDrive(interrupt_at=len(ZIP) // 2))
+    with pytest.raises(mf.DownloadFailedError):
+        mf.fetch("all", tmp_path, manifest=manifest_path, quiet=True)
+    assert (tmp_path / mf.INTEGRITY_FILE).is_file()  # the annotations' entry
+    assert "never downloaded and unpacked to the end" in mf.unfinished(tmp_path, manifest_path)
+    mf.fetch("all", tmp_path, manifest=manifest_path, quiet=True)
+    assert mf.unfinished(tmp_path, manifest_path) is None
+    (tmp_path / "VNBench_new.zip").unlink()
+    assert mf.unfinished(tmp_path, manifest_path).endswith("VNBench_new.zip is missing")
+
+
 def test_cli_fetch_unpack_to(tmp_path, manifest_path, monkeypatch, capsys):
     fakes(monkeypatch)
     code = main(["data", "fetch", "videos", "--dest", str(tmp_path / "keep"), "--unpack-to", str(tmp_path / "fast"),

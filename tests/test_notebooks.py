@@ -74,3 +74,32 @@ def test_parameters_are_literals_and_setup_comes_next(source):
     assert parameters["DUOKIT_REPO"] == f"https://github.com/{github_repo()}"
     assert parameters["MOUNT_DRIVE"] is True
     assert "colab_setup(" in cells[1].source and "pip\", \"install\"" in cells[1].source
+
+
+def notebook_parameters(stem: str) -> dict:
+    cells = [c for c in jupytext.read(NOTEBOOKS / f"{stem}.py").cells if c.cell_type == "code"]
+    return {s.targets[0].id: ast.literal_eval(s.value) for s in ast.parse(cells[0].source).body}
+
+
+def test_gpu_gate_recipe_and_deploy_window_agree_across_02_03_04_and_the_gpu_example():
+    """02 trains the pattern 03 and 04 deploy, with train-duo's defaults; 04 trains the same when 02 left none,
+    as `duokit ablate --example gpu` does; all deploy the same window."""
+    import yaml
+
+    from duokit.ablate import example_text
+    from duokit.methods.duo.train import TrainSettings
+
+    train, evaluate, ablation = (notebook_parameters(stem) for stem in ("02_train_duo", "03_eval_vnbench",
+                                                                        "04_ablations"))
+    example = yaml.safe_load(example_text("gpu"))
+    defaults = TrainSettings(model=train["MODEL"])
+    gates = {"steps": train["STEPS"], "frames": train["FRAMES"], "sink": train["SINK"], "recent": train["RECENT"]}
+    assert gates == {"steps": defaults.steps, "frames": list(defaults.frames), "sink": defaults.sink,
+                     "recent": defaults.recent}
+    assert train["FRAME_SIZE"] == list(defaults.frame_size)
+    assert example["prepare"]["duo_gates"] == gates == {key: ablation[f"GATE_{key.upper()}"] for key in gates}
+    deployed = next(row for row in example["rows"] if row["name"] == "duo")["settings"]
+    assert (evaluate["SINK"], evaluate["RECENT"]) == (ablation["SINK"], ablation["RECENT"]) == (
+        deployed["sink"], deployed["recent"])
+    assert train["MODEL"] == evaluate["MODEL"] == ablation["MODEL"] == example["model"]
+    assert (ablation["FRAMES"], ablation["PER_TASK"]) == (example["frames"], example["per_task"])

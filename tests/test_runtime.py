@@ -194,6 +194,34 @@ def test_describe_runtime_cpu(monkeypatch):
 
 def test_describe_runtime_gpu_line(monkeypatch):
     fake_gpu(monkeypatch, (7, 5))
-    assert runtime.describe_runtime().endswith("GPU: Tesla T4, 15.0 GiB, sm75 -> float16")
+    assert runtime.describe_runtime().endswith(
+        "GPU: Tesla T4, 15.0 GiB, sm75 -> float16; Qwen-VL models float32 up to 3.49B parameters, larger ones "
+        "refused (Qwen2-VL-2B has 2.21B, Qwen2.5-VL-3B 3.75B)")
     fake_gpu(monkeypatch, (8, 0), name="NVIDIA A100-SXM4-40GB", memory_gib=40)
     assert runtime.gpu_line() == "GPU: NVIDIA A100-SXM4-40GB, 40.0 GiB, sm80 -> bfloat16"
+
+
+def test_a_model_the_gpu_would_refuse_is_refused_from_its_config_alone(monkeypatch, tmp_path):
+    """Qwen2.5-VL-3B's published geometry on a T4: refused before weights (or data) are fetched, naming the
+    notebook's ways out; on an L4 and on a CPU the dtype load_vlm will use."""
+    import transformers
+    from test_planner_real_configs import COMMON, CONFIGS
+
+    from duokit.models.loading import NoSafeDtypeError
+
+    transformers.Qwen2_5_VLConfig(**COMMON, **CONFIGS["3B"]).save_pretrained(tmp_path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", no_weights)
+    fake_gpu(monkeypatch, (7, 5))
+    with pytest.raises(NoSafeDtypeError) as err:
+        runtime.check_gpu_for_model(str(tmp_path))
+    message = str(err.value)
+    assert "13.99 GiB" in message and "L4 or A100" in message and 'MODEL = "Qwen/Qwen2-VL-2B-Instruct"' in message
+    assert "\n" not in message
+    fake_gpu(monkeypatch, (8, 9), name="NVIDIA L4", memory_gib=22)
+    assert runtime.check_gpu_for_model(str(tmp_path)) == f"model {tmp_path}: bfloat16 on cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.check_gpu_for_model(str(tmp_path)) == f"model {tmp_path}: float32 on cpu"

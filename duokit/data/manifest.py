@@ -274,6 +274,24 @@ def fetch(
     return paths
 
 
+def unfinished(dest: str | os.PathLike = DEFAULT_DEST, manifest: Manifest | str | os.PathLike | None = None) -> str | None:
+    """Why `fetch("all", dest)` has not yet finished in `dest` (None once it has), from its integrity record:
+    the zip's sha256 is recorded only after the whole zip was downloaded, checked and unpacked, and the
+    zip must still be there for a new VM to unpack. A caller that must not download (notebooks 03 and 04)
+    refuses on this instead of letting `fetch` start the ~11 GB download."""
+    manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    dest = Path(dest)
+    record = read_integrity(dest)
+    if not record.get(manifest.annotations.name, {}).get("sha256"):
+        return f"no annotations recorded in {dest / INTEGRITY_FILE}"
+    if not record.get(manifest.videos.name, {}).get("zip_sha256"):
+        return (f"the videos were never downloaded and unpacked to the end ({manifest.videos.filename} has no "
+                f"record in {dest / INTEGRITY_FILE}: an interrupted fetch?)")
+    if not (dest / manifest.videos.filename).is_file():
+        return f"{dest / manifest.videos.filename} is missing"
+    return None
+
+
 def fetch_annotations(artefact: HubFile, dest: Path, quiet: bool = False) -> Path:
     target = dest / artefact.filename
     recorded = read_integrity(dest).get(artefact.name, {})

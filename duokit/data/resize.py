@@ -3,7 +3,7 @@
 A model trained on one frame size (NeedleNet: 56x56, docs/needlenet.md) reads every other size in that
 same form: each frame is resized to exactly (width, height), aspect ratio not kept. Stretching keeps the
 full height for a 4:3 or 16:9 frame, where a letterbox would shrink the subtitle needles (6% of the
-frame height, vnbench.md §8) by another 25-44%; the model is trained on stretched frames of those
+frame height, docs/synth.md "Subtitles") by another 25-44%; the model is trained on stretched frames of those
 shapes, so it sees at inference what it saw in training. Bilinear with antialiasing (an area average
 when shrinking), in torch on CPU: the same frames give the same bytes on every run.
 """

@@ -37,6 +37,11 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message is one line naming the model and the fix."""
 
 
+class NoSafeDtypeError(ModelLoadError):
+    """The GPU has no dtype the model runs safely in (`resolve_dtype`): a refusal about this machine, not
+    about the model's files, so a notebook can say which runtime or model to pick instead."""
+
+
 def explain_load_error(name: str, err: BaseException) -> ModelLoadError:
     """The one-line reason `name` did not load, from transformers' OSError (or its huggingface_hub cause)."""
     from huggingface_hub.errors import (
@@ -147,7 +152,7 @@ def resolve_dtype(name: str, config: Any, device: Any, dtype: Any = "auto", num_
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     if weights + FP32_HEADROOM_BYTES <= total:
         return torch.float32
-    raise ModelLoadError(
+    raise NoSafeDtypeError(
         f"model {name}: this GPU (sm{cap[0]}{cap[1]}, {total / 2**30:.1f} GiB) has no bfloat16, {config.model_type} "
         f"overflows in float16, and its float32 weights ({num_params / 1e9:.2f}B parameters = "
         f"{weights / 2**30:.2f} GiB) + {FP32_HEADROOM_BYTES / 2**30:.0f} GiB headroom do not fit; use a GPU with "
