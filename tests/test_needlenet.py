@@ -311,3 +311,30 @@ def test_duokit_eval_picks_the_text_parser_recorded_with_needlenet(tmp_path):
     assert summary["config"]["parser"] == "text" and summary["scores"]["n_samples"] == 2
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8 and all(json.loads(line)["error"] is None for line in lines)
+
+
+def _same(a, b) -> bool:
+    """Nested batches (dicts, lists, tuples of tensors and plain values) equal to the bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_data_workers_do_not_change_the_batches():
+    """`--workers` only moves batch building to other processes: every batch of both stages is a function
+    of (seed, step), so any worker count trains on the same data (a retrain may pick its own)."""
+    from itertools import islice
+
+    from duokit.models.needlenet.train import StageBatches, _loader
+
+    processor = build_processor()
+    settings = {w: TrainSettings(steps=6, batch_size=2, curriculum=(2, 4), recognition_steps=6,
+                                 recognition_batch_size=2, workers=w) for w in (0, 2)}
+    for make in (lambda s: StageBatches(processor, s, 1, 2),
+                 lambda s: RecognitionBatches(BatchBuilder(processor), s.seed, 2, 1, s.recognition_steps)):
+        batches = {w: list(islice(_loader(make(s), s), 4)) for w, s in settings.items()}
+        assert len(batches[0]) == 4 and _same(batches[0], batches[2])
