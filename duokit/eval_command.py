@@ -23,7 +23,7 @@ from typing import Any
 # Config keys that decide what the predictions are; a resumed run must agree on all of them. The chunk
 # size is one: a method may attend differently per chunk (duo's full_first_chunk).
 RUN_IDENTITY = ("model", "method", "frames", "per_task", "seed", "parser", "max_new_tokens",
-                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size", "inputs")
+                "dtype", "max_pixels", "min_pixels", "samples", "chunk_size", "annotations_sha256")
 
 # Short flags kept from before `--set` existed (`--pattern DIR --sparsity 0.5 --sink 64 --recent 256`):
 # each is `--set NAME=VALUE`, typed and checked by whichever method is chosen. Method classes are not
@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     parser.add_argument("--decode-tries", choices=DECODE_TRIES, default="together",
                         help="together: a question's option orders decode as one batch where the method supports "
                              "it (faster; holds one suffix per try); one_by_one: one at a time (default: together)")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="on resume, evaluate again the tries logged with an error (a video that could not "
+                             "be read, out of GPU memory, non-finite logits); without it they stay scored wrong")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on sm80+; fp32 on CPU; on T4 fp16, fp32 for Qwen-VL) | float32 | float16 "
                              "| bfloat16; the run records the resolved dtype")
@@ -118,21 +121,39 @@ def select_samples(annotations: str | Path, per_task: int | None, seed: int) -> 
     return samples if per_task is None else stratified_subset(samples, per_task, seed)
 
 
-def input_fingerprint(annotations: str | Path, samples: list, videos: str | Path) -> str:
-    """sha256 of the annotation file's bytes and of each sample's video name and byte size (-1 when
-    missing). Sample ids say nothing of the videos (a synthetic set re-made at another size keeps its ids),
-    so a resume must not reuse predictions made on other inputs; sizes, not contents, keep this a moment's
-    work on VNBench's gigabytes."""
+def video_bytes(video_name: str, videos: str | Path) -> int | None:
+    """The size of a sample's video file (None when missing). Each record keeps it: sample ids say nothing
+    of the videos (a synthetic set re-made at another size keeps its ids), so a resume evaluates again
+    the tries made on a video that has changed since; sizes, not contents, keep that check a moment's work
+    on VNBench's gigabytes."""
     from duokit.data.vnbench import resolve_video
 
-    digest = hashlib.sha256(Path(annotations).read_bytes())
-    for name in sorted({sample.video_name for sample in samples}):
-        try:
-            size = resolve_video(name, videos).stat().st_size
-        except OSError:
-            size = -1
-        digest.update(f"\n{name}\t{size}".encode())
-    return digest.hexdigest()
+    try:
+        return resolve_video(video_name, videos).stat().st_size
+    except OSError:
+        return None
+
+
+def redo_logged(out: Path, samples: list, videos: str | Path, retry_errors: bool) -> None:
+    """Remove from RUN/predictions.jsonl, to be evaluated again, the tries made on a video whose size has
+    changed since (records without `video_bytes`, from before it was kept, are trusted) and, with
+    `retry_errors`, the tries logged with an error."""
+    from duokit.io import JsonlLog
+
+    sizes = {sample.sample_id: video_bytes(sample.video_name, videos) for sample in samples}
+
+    def changed(record: dict) -> bool:
+        return "video_bytes" in record and record["video_bytes"] != sizes[record["sample_id"]]
+
+    def failed(record: dict) -> bool:
+        return retry_errors and record["error"] is not None
+
+    log = JsonlLog(out / "predictions.jsonl", key="record_id")
+    for unwanted, why in ((changed, "made on a video that has changed since"), (failed, "logged with an error")):
+        dropped = log.drop(unwanted)
+        if dropped:
+            print(f"{out}: evaluating again {len(dropped)} tries {why} "
+                  f"({len({r['sample_id'] for r in dropped})} samples)", file=sys.stderr)
 
 
 def check_config(out: Path, config: dict) -> dict:
@@ -146,9 +167,9 @@ def check_config(out: Path, config: dict) -> dict:
         changed = [key for key in RUN_IDENTITY if previous.get(key) != config.get(key)]
         if changed:
             values = "; ".join(f"{key}: {previous.get(key)!r} -> {config.get(key)!r}" for key in changed
-                               if key not in ("samples", "inputs"))
-            if "inputs" in changed:
-                values += f"{'; ' if values else ''}the annotation file or the videos changed since it began"
+                               if key not in ("samples", "annotations_sha256"))
+            if "annotations_sha256" in changed:
+                values += f"{'; ' if values else ''}the annotation file changed since the run began"
             raise ValueError(f"{path}: this run directory holds a different run (differs in: "
                              f"{', '.join(changed)}{'; ' + values if values else ''}); use a new --out, "
                              "or delete the directory to start over")
@@ -240,6 +261,7 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
     tries = [record for record in sample.tries if record.record_id not in skip]
     if not tries:
         return []
+    size = video_bytes(sample.video_name, video_dir)
     try:
         video = load_frames(resolve_video(sample.video_name, video_dir), num_frames=num_frames)
         result = answer_tries(lm, method, SampleInput(video.frames, sampled_fps(video.timestamps, video.fps)),
@@ -250,12 +272,12 @@ def evaluate_sample(lm: Any, method: Any, sample: Any, video_dir: str | Path, nu
         if isinstance(err, torch.OutOfMemoryError):
             torch.cuda.empty_cache()
         error = f"{type(err).__name__}: {err}"
-        return [prediction_record(record, None, parser, error=error) for record in tries]
+        return [prediction_record(record, None, parser, error=error, video_bytes=size) for record in tries]
     coverage = needle_coverage(sample.needle_time, video.timestamps)
     cost = {**result.cost, "needle_frames": list(coverage.frames_per_needle),
             "needles_missed": len(coverage.missed)}
     return [prediction_record(record, answer.text, parser, output_tokens=answer.tokens,
-                              cost={**cost, "decode_s": answer.decode_s})
+                              cost={**cost, "decode_s": answer.decode_s}, video_bytes=size)
             for record, answer in zip(tries, result.answers)]
 
 
@@ -264,7 +286,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
              seed: int = 0, chunk_size: int | None = None, parser: str | None = None, dtype: str = "auto",
              device: str = "auto", max_new_tokens: int | None = None, max_pixels: int | None = None,
              min_pixels: int | None = None, attn_implementation: str = "auto", world: Any = None,
-             decode_tries: str = "together") -> dict:
+             decode_tries: str = "together", retry_errors: bool = False) -> dict:
     """Run (or resume) an evaluation into the run directory `out`; returns the summary it writes to
     `out/summary.json`. The Python form of `duokit eval` (same defaults; `settings` = the method's
     settings, e.g. `{"pattern": DIR, "sparsity": 0.5}`; `max_pixels`/`min_pixels`: pixels per frame, see
@@ -273,6 +295,8 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     decode time every method pays alike; `duokit ablate` uses it). `world` (a `duokit.distributed.World`; default: this process's, from
     `accelerate launch`) decides who does which samples: `current_world().alone()` runs the whole run in
     this process of a launched job (`duokit ablate` spreading whole cells over the processes).
+    `retry_errors`: tries logged with an error (unreadable video, out of memory, non-finite logits) are
+    removed from the log and evaluated again; by default a resume keeps them, scored wrong.
 
     Everything that can be checked is checked before RUN/config.json is written: the arguments, an
     existing run's config, and the method against the loaded model (e.g. a DuoAttention pattern's shape).
@@ -321,12 +345,14 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
         "max_pixels": DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, "min_pixels": min_pixels,
         "attn_implementation": attn_implementation, "decode_tries": decode_tries,
         "samples": [sample.sample_id for sample in samples],
-        "inputs": input_fingerprint(annotations, samples, videos), "versions": versions(),
+        "annotations_sha256": hashlib.sha256(Path(annotations).read_bytes()).hexdigest(), "versions": versions(),
     })
     order = [record.record_id for sample in samples for record in sample.tries]
     # Shards left by a killed sharded run (any N) count as done: fold them in before anyone reads the log.
     if world.is_main and merge_shards(out, order):
         print(f"{out}: merged the prediction shards of an interrupted sharded run", file=sys.stderr)
+    if world.is_main:
+        redo_logged(out, samples, videos, retry_errors)
     world.barrier()
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
     todo = [s for s in samples if any(record.record_id not in log for record in s.tries)]
@@ -391,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
                            parser=args.parser, dtype=args.dtype, device=args.device,
                            max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
                            min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
-                           decode_tries=args.decode_tries)
+                           decode_tries=args.decode_tries, retry_errors=args.retry_errors)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"duokit eval: error: {err}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,16 @@ class JsonlLog:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def drop(self, unwanted: Callable[[dict], bool]) -> list[dict]:
+        """Remove the records `unwanted` picks, from the file (rewritten atomically, the others' lines
+        unchanged) and from `done`, so they are made again; returns them."""
+        dropped = [record for record in self.records if unwanted(record)]
+        if dropped:
+            self.records = [record for record in self.records if not unwanted(record)]
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode("utf-8"))
+            self.done = {self._key_of(r) for r in self.records}
+        return dropped
 
     def append(self, record: dict) -> None:
         key = self._key_of(record)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import FrozenInstanceError, dataclass, replace
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,11 +351,42 @@ def test_eval_cli_writes_a_resumable_run(tmp_path, capsys, monkeypatch):
     # The same directory with other settings is refused with one clear message.
     assert main(eval_args(annotations, videos, run, frames_count=6)) == 1
     assert "differs in: frames" in capsys.readouterr().err
-    # So are other videos under the same names (a synthetic set re-made at another size keeps its ids).
-    video = next(path for path in Path(videos).iterdir() if path.stat().st_size > 1000)
-    video.write_bytes(video.read_bytes() + b"\0")
+    annotations.write_text(annotations.read_text() + " ")  # as is another annotation file
     assert main(eval_args(annotations, videos, run)) == 1
-    assert "differs in: inputs; the annotation file or the videos changed" in capsys.readouterr().err
+    assert "differs in: annotations_sha256; the annotation file changed" in capsys.readouterr().err
+    annotations.write_text(annotations.read_text()[:-1])
+
+
+def test_a_resume_evaluates_again_what_changed_videos_or_errors_made(tmp_path, capsys):
+    """A video that changed since its tries were logged (a synthetic set re-made under the same ids, a
+    missing video put in place) has those tries evaluated again; `--retry-errors` also redoes the tries
+    that failed; everything else is kept line for line."""
+    annotations, videos = write_dataset(tmp_path)
+    run = tmp_path / "run"
+    assert main(eval_args(annotations, videos, run)) == 0
+    before = list(iter_jsonl(run / "predictions.jsonl"))
+    assert {p["video_bytes"] is None for p in before if p["sample_id"] == "h2_ord_edit1"} == {True}
+    shutil.copy(videos / "h0_ret_edit1.mp4", videos / "h2_ord_edit1.mp4")  # the missing video arrives
+    write_video(videos / "h1_cnt_insert1.mp4", frames(count=20, seed=99), fps=10.0)  # re-made
+    capsys.readouterr()
+    assert main(eval_args(annotations, videos, run)) == 0
+    assert "evaluating again 8 tries made on a video that has changed since (2 samples)" in capsys.readouterr().err
+    after = list(iter_jsonl(run / "predictions.jsonl"))
+    redone = {"h2_ord_edit1", "h1_cnt_insert1"}
+    assert [p for p in after if p["sample_id"] not in redone] == [p for p in before if p["sample_id"] not in redone]
+    fresh = [p for p in after if p["sample_id"] in redone]
+    assert len(fresh) == 8 and all(p["error"] is None for p in fresh)
+    assert {p["video_bytes"] for p in fresh if p["sample_id"] == "h2_ord_edit1"} == {
+        (videos / "h0_ret_edit1.mp4").stat().st_size}
+
+    # The corrupt video's tries stay logged as errors unless asked; then they are made again (and fail again).
+    assert main(eval_args(annotations, videos, run)) == 0
+    assert "evaluating again" not in capsys.readouterr().err
+    assert main([*eval_args(annotations, videos, run), "--retry-errors"]) == 0
+    assert "evaluating again 4 tries logged with an error (1 samples)" in capsys.readouterr().err
+    final = list(iter_jsonl(run / "predictions.jsonl"))
+    assert len(final) == 16 and [p["sample_id"] for p in final[-4:]] == ["h3_cnt_edit1"] * 4
+    assert all("cannot decode" in p["error"] for p in final[-4:])
 
 
 def test_eval_cli_reports_bad_input(tmp_path, capsys):

@@ -60,6 +60,19 @@ def test_jsonl_log_resumes_after_a_torn_append(tmp_path):
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [1, "2", 3]
 
 
+def test_jsonl_log_drops_records_to_make_again(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = JsonlLog(path, key="id")
+    for key, value in ((1, 0.1), (2, None), (3, 1e-7)):
+        log.append({"id": key, "v": value, "text": "é"})
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert log.drop(lambda r: r["v"] is None) == [{"id": 2, "v": None, "text": "é"}]
+    assert path.read_text(encoding="utf-8").splitlines(keepends=True) == [lines[0], lines[2]]  # kept as written
+    assert 2 not in log and len(log) == 2 and 2 not in JsonlLog(path, key="id")
+    log.append({"id": 2, "v": 0.2})  # made again
+    assert log.drop(lambda r: False) == [] and len(JsonlLog(path, key="id")) == 3
+
+
 def test_copy_folder_replaces_the_whole_folder(tmp_path):
     from duokit.io import copy_folder
 
