@@ -171,6 +171,27 @@ def test_mixed_pattern_matches_dense_reference(name, gates, chunk, query_block, 
     assert not torch.allclose(dense, expected, atol=1e-3)
 
 
+def test_bfloat16_follows_the_dense_reference_and_holds_two_bytes_per_value(llama, tmp_path):
+    """The dtype GPUs run (sm80+): Duo on a bfloat16 copy of tiny Llama stays within bfloat16 rounding of
+    the float32 Λ-mask reference — far closer than full attention is — and its cache holds the formula's
+    bytes at 2 bytes per value."""
+    model, adapter, inputs = llama
+    model16, _, adapter16 = load_vlm("tiny:llama", dtype=torch.bfloat16, device="cpu")
+    method = duo(tmp_path, MIXED_GATES["contiguous"], sparsity=0.5, sink=4, recent=19)
+    expected = reference_run(model, adapter, inputs, method.retrieval, sink=4, recent=19)
+    dense = run(model, adapter, inputs, DynamicCache(config=model.config.get_text_config()), chunk=10**9)
+    with method.apply(model16, adapter16):
+        cache = method.new_cache(LM(model16, adapter16), None)
+        logits = run(model16, adapter16, inputs, cache, chunk=37)
+    assert logits.dtype == torch.bfloat16
+    error, gap = (logits.float() - expected).abs().max(), (dense - expected).abs().max()
+    assert error < gap / 4, (error, gap)
+    assert adapter16.geometry.dtype_bytes == 2
+    length = inputs["input_ids"].shape[1] + NEW_TOKENS
+    assert kv_cache_bytes(cache) == method.estimate_kv_bytes(adapter16.geometry, TokenCounts(length))
+    assert kv_cache_bytes(cache) * 2 == method.estimate_kv_bytes(adapter.geometry, TokenCounts(length))
+
+
 def test_other_video_families(other_vlm, tmp_path):
     """Qwen2-VL, Qwen3-VL (deepstack) and LLaVA-OneVision: identity at sparsity 0, reference when mixed."""
     model, adapter, inputs = other_vlm

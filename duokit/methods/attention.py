@@ -9,8 +9,8 @@ its neighbours' (a cache that evicts or pools per layer): each call only needs i
 
 - `causal`: transformers' own sdpa call when no mask is needed (q_len 1 or q_len = kv_len), or with
   `exact` (the boolean causal mask transformers would build), so a method at its identity setting is
-  bit-identical to the baseline; else the CPU flash path (`causal_cpu`) or a lower-right causal sdpa
-  call on GPU.
+  bit-identical to the baseline; else the CPU flash path (`causal_cpu`) or, on GPU, `causal_expanded`
+  (a lower-right causal sdpa call).
 - `causal_cpu`: two mask-free CPU flash calls (past keys; the chunk's own keys causally) merged by
   their log-sum-exp (`merge_by_lse`).
 - `packed_decode`: one query token with grouped KV heads, each KV head read once (transformers'
@@ -54,12 +54,19 @@ def causal(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                       scaling=scaling)[0]
     if query.device.type == "cpu" and not dropout:
         return causal_cpu(query, key, value, scaling)
+    return causal_expanded(query, key, value, scaling, dropout)
+
+
+def causal_expanded(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                    dropout: float = 0.0) -> torch.Tensor:
+    """`causal`'s GPU path: one sdpa call with torch's lower-right causal bias, the KV heads expanded to the
+    query heads. Returns `[B, q, H_q, D]`."""
     # A masked GQA call falls back to the math kernel, which materialises q_len x kv_len scores per head;
     # expand the KV heads instead, as transformers' sdpa path does (CUDA kernels take this mask unmaterialised).
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    output = F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(q_len, kv_len),
-                                            dropout_p=dropout, scale=scaling)
+    bias = causal_lower_right(query.shape[-2], key.shape[-2])
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling)
     return output.transpose(1, 2).contiguous()
 
 
@@ -82,6 +89,8 @@ def causal_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
     masked half of the in-chunk blocks. Equal to the masked call up to float rounding.
     """
     past = key.shape[-2] - query.shape[-2]
+    if past == 0:
+        return flash_cpu(query, key, value, True, scaling)[0].transpose(1, 2).contiguous().to(query.dtype)
     past_part = flash_cpu(query, key[..., :past, :], value[..., :past, :], False, scaling)
     chunk_part = flash_cpu(query, key[..., past:, :], value[..., past:, :], True, scaling)
     return merge_by_lse([past_part, chunk_part]).to(query.dtype)
@@ -90,6 +99,8 @@ def causal_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
 def flash_cpu(query, key, value, is_causal: bool, scaling) -> tuple[torch.Tensor, torch.Tensor]:
     """sdpa's CPU flash kernel, which also returns the log-sum-exp: (output `[B, H, q, D]` float32,
     lse `[B, H, q]` float32); handles GQA natively."""
+    if key.shape[-2] == 0:  # the kernel divides by the key count: no keys kills the process (SIGFPE)
+        raise ValueError("flash_cpu: no keys to attend to")
     output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, is_causal,
                                                                             scale=scaling)
     return output.float(), lse
