@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from duokit.data.vnbench import LETTERS, SUBTASKS, permuted_options
 
-# The published `type` of each file suffix: the HF file swaps the two insert-retrieval labels (§3).
+# The published `type` of each file suffix: the HF file swaps the two insert-retrieval labels
+# (docs/scoring.md, "Scores").
 PUBLISHED_LABEL = {s: s for s in SUBTASKS} | {"ret_insert1": "ret_insert2", "ret_insert2": "ret_insert1"}
 
 # Verbatim from the VNBench annotations, kept apart from duokit's own templates so tests check those against it.
@@ -30,7 +31,7 @@ OPTIONS = {
                     "mango, kiwifruit, pear, apple", "kiwifruit, mango, apple, pear"],
     "ord_insert2": ["train, cow, sheep, tv monitor", "tv monitor, cow, train, sheep",
                     "cow, sheep, tv monitor, train", "tv monitor, cow, sheep, train"],
-    "cnt_edit1": [2, 5, 1, 6],  # counting options are ints in the published file (§4)
+    "cnt_edit1": [2, 5, 1, 6],  # counting options are ints in the published file
     "cnt_edit2": [7, 8, 9, 10],
     "cnt_insert1": [3, 1, 4, 2],
 }

@@ -89,6 +89,16 @@ def sequence_length(inputs) -> int:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_all_retrieval_is_identical_to_sdpa(name, request, tmp_path):
+    """Plumbing only: at sparsity 0 every KV head is a retrieval head, so `duo` must be plain causal
+    attention. `model.generate` with the method applied (its attention function, selected for the
+    language model, and a `DuoCache`) gives tokens and logits bit-identical to the model's own sdpa
+    attention and cache (tiny Llama, tiny Qwen2.5-VL with a video). No streaming head runs here.
+
+    The streaming heads are checked by `test_all_streaming_with_window_covering_sequence_is_identical`
+    (streaming path, window covering everything), `test_mixed_pattern_matches_dense_reference` (mixed
+    patterns against an independent dense Λ-mask reference, chunked prefill + decoding),
+    `test_other_video_families` and `test_full_first_chunk_flag_matches_reference` below; the streaming
+    ring buffer and the per-try restorer by the `test_duo_*` tests of tests/test_decoding.py."""
     model, adapter, inputs = request.getfixturevalue(name)
     tokens, logits = generate(model, inputs)
     method = duo(tmp_path, np.random.RandomState(1).rand(adapter.num_layers, adapter.num_kv_heads),

@@ -34,7 +34,7 @@ from duokit.data.vnbench import SUBTASKS, parse_record
 
 
 def reference_eval_py(lines: list[dict]) -> tuple[dict[str, float], float]:
-    """evaluation/eval.py (§7a): per-`type` accuracy of groups `question_id[:-2]`, Overall = their mean."""
+    """joez17/VideoNIAH evaluation/eval.py: per-`type` accuracy of groups `question_id[:-2]`, Overall = their mean."""
     correct_tries: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for line in lines:
         if line["pred"] is None:
@@ -53,7 +53,7 @@ def reference_eval_py(lines: list[dict]) -> tuple[dict[str, float], float]:
 
 
 def reference_evaluation_utils(lines: list[dict]) -> dict[str, float]:
-    """llava_examples/evaluation_utils.py (§7b): first character, swap I-1/I-2, mean of family means."""
+    """joez17/VideoNIAH llava_examples/evaluation_utils.py: first character, swap I-1/I-2, mean of family means."""
     total: dict[str, int] = defaultdict(int)
     task_of: dict[str, str] = {}
     for line in lines:
@@ -131,7 +131,7 @@ def score_file(path: Path, parser=None) -> dict:
 
 OFFICIAL_CASES = [
     ("B", "B"), ("B.", "B"), ("(D)", "D"), ("The answer is B", "B"),
-    ("Answer: C", "A"),  # the capital A of "Answer" wins (§7c)
+    ("Answer: C", "A"),  # the capital A of "Answer" wins (docs/scoring.md, "Parsers")
     ("I think B. A", "B"),  # only the text before the first '.' counts
     ("D, not A", "A"),  # A has priority wherever it occurs
     ("Based on the video, C.", "B"),  # the B of "Based"

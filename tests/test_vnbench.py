@@ -115,7 +115,7 @@ def test_counting_options_given_as_ints_become_strings():
     assert record.options == ("2", "5", "1", "6")
     assert record.gt == "5" and record.gt_option == "B"
     assert "\nB. 5\n" in record.prompt
-    # gt given as a string while the options are ints also matches (compared as strings, §12.5)
+    # gt given as a string while the options are ints also matches (compared as strings: VNBench's counting options are ints)
     assert parse_record(dict(raw, gt="5"), 0) == record
 
 

@@ -32,7 +32,14 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # annotations only: the engine and models import torch, kept out of `import duokit.methods`
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import Cache
+
+    from duokit.engine import LM, SampleInput
+    from duokit.models.base import Adapter, Geometry, Prefix, TokenCounts
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -163,7 +170,7 @@ class Method:
 
     # --- run scope ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def apply(self, model: Any, adapter: Any) -> Iterator[None]:
+    def apply(self, model: PreTrainedModel, adapter: Adapter) -> Iterator[None]:
         """Prepare `model` for this method (`install`) for the duration of the block, then undo it."""
         if getattr(self, "_applied_to", None) is not None:
             raise RuntimeError(f"method {self.name!r} is already applied")
@@ -174,24 +181,24 @@ class Method:
             finally:
                 self._applied_to = None
 
-    def install(self, model: Any, adapter: Any) -> contextlib.AbstractContextManager:
+    def install(self, model: PreTrainedModel, adapter: Adapter) -> contextlib.AbstractContextManager:
         """What `apply` does to the model (a context manager that undoes it). The base changes nothing."""
         return contextlib.nullcontext()
 
-    def check_applied(self, model: Any) -> None:
+    def check_applied(self, model: PreTrainedModel) -> None:
         """Raise unless this method is applied to `model` (the engine calls it before every sample)."""
         if getattr(self, "_applied_to", None) != id(model):
             raise RuntimeError(f"method {self.name!r} must run inside `with method.apply(model, adapter):`")
 
     # --- per sample --------------------------------------------------------------------------------
-    def prepare_prefix(self, prefix: Any, sample: Any, lm: Any) -> Any:
+    def prepare_prefix(self, prefix: Prefix, sample: SampleInput, lm: LM) -> Prefix:
         """The prefix the engine prefills: `prefix` (a `duokit.models.Prefix`), possibly transformed
         (`prefix.keep(mask)` drops tokens with every parallel array; `dataclasses.replace` swaps
         embeddings or positions). `sample` (`duokit.engine.SampleInput`) has the frames, fps, text
         context and, for a method with `prefix_depends_on_question`, the question; `lm` the model."""
         return prefix
 
-    def new_cache(self, lm: Any, prefix: Any) -> Any:
+    def new_cache(self, lm: LM, prefix: Prefix | None) -> Cache:
         """A fresh KV cache for one sample (it may carry per-sample state derived from `prefix`).
 
         The default allocates each layer once for the prefix plus `lm.decode_reserve` tokens (the
@@ -202,7 +209,7 @@ class Method:
 
         return preallocated_cache(lm.adapter.text_config, 0 if prefix is None else prefix.num_tokens, lm.decode_reserve)
 
-    def prefix_restorer(self, cache: Any) -> Callable[[], Any]:
+    def prefix_restorer(self, cache: Cache) -> Callable[[], Cache]:
         """Called once after the prefill: a callable that returns a cache in the prefilled state, once
         per try. The default uses the cache's own `prefix_restorer()` when it has one (in place, in
         O(suffix) time and memory: `PreallocatedCache`, `DuoCache`), else gives each try a deepcopy.
@@ -212,14 +219,14 @@ class Method:
             return own()
         return lambda: copy.deepcopy(cache)
 
-    def prefill(self, lm: Any, prefix: Any, cache: Any, chunk_size: int) -> Any:
+    def prefill(self, lm: LM, prefix: Prefix, cache: Cache, chunk_size: int) -> Cache:
         """Fill `cache` with `prefix`. The default is the engine's chunked prefill; a method may give its
         own chunk ends and per-chunk extra inputs: `lm.prefill(prefix, cache, chunk_size, bounds=[...],
         chunk_kwargs=lambda start, end: {...})`, or run several passes through `lm.forward`."""
         return lm.prefill(prefix, cache, chunk_size)
 
     # --- costs -------------------------------------------------------------------------------------
-    def estimate_kv_bytes(self, geometry: Any, tokens: Any) -> int:
+    def estimate_kv_bytes(self, geometry: Geometry, tokens: TokenCounts) -> int:
         """KV bytes this method's cache holds at its peak over prefilling (and decoding) `tokens`
         (`duokit.models.TokenCounts`: text and video tokens as the adapter built them, the video grids)
         on a model of `geometry`. The planner uses it before a run; the engine records it next to the
@@ -229,21 +236,21 @@ class Method:
         layer keeps (`layer_tokens`), and what a layer holding that many tokens costs (`kv_bytes_of_layers`)."""
         return self.kv_bytes_of_layers(geometry, self.layer_tokens(geometry, tokens))
 
-    def layer_tokens(self, geometry: Any, tokens: Any) -> list[int]:
+    def layer_tokens(self, geometry: Geometry, tokens: TokenCounts) -> list[int]:
         """Tokens layer l's cache holds at the peak (for every KV head). The baseline: all of them, everywhere."""
         return [tokens.total] * geometry.num_layers
 
-    def kv_bytes_of_layers(self, geometry: Any, per_layer: Sequence[int]) -> int:
+    def kv_bytes_of_layers(self, geometry: Geometry, per_layer: Sequence[int]) -> int:
         """Bytes of K and V when layer l holds `per_layer[l]` tokens in each of its KV heads."""
         return 2 * geometry.num_kv_heads * geometry.head_dim * geometry.dtype_bytes * sum(per_layer)
 
-    def estimate_sample_kv_bytes(self, geometry: Any, tokens: Any, prefix: Any) -> int:
+    def estimate_sample_kv_bytes(self, geometry: Geometry, tokens: TokenCounts, prefix: Prefix) -> int:
         """The peak KV bytes of one sample whose prepared prefix is `prefix` (what the engine records as
         planned). Default: `estimate_kv_bytes`; a method whose peak depends on the content of the prefix
         (where a segmentation put its boundaries, how many tokens a selection re-injected) overrides it."""
         return self.estimate_kv_bytes(geometry, tokens)
 
-    def estimate_restore_kv_bytes(self, geometry: Any, prefix_tokens: Any, reserve: int = 0) -> int:
+    def estimate_restore_kv_bytes(self, geometry: Geometry, prefix_tokens: TokenCounts, reserve: int = 0) -> int:
         """KV bytes held besides the cache to give each try the prefilled state (the planner adds them),
         for tries of up to `reserve` tokens (longest suffix + `max_new_tokens`; 0: unknown).
         The default: 0 with the default cache (restored in place by truncation); for a method with its
@@ -253,8 +260,8 @@ class Method:
             return 0
         return self.estimate_kv_bytes(geometry, prefix_tokens)
 
-    def estimate_prefill_flops(self, geometry: Any, tokens_per_layer: Sequence[int],
-                               tokens: Any = None) -> dict[str, int]:
+    def estimate_prefill_flops(self, geometry: Geometry, tokens_per_layer: Sequence[int],
+                               tokens: TokenCounts | None = None) -> dict[str, int]:
         """Analytic FLOPs of the prefill, given how many tokens each layer ran on (measured by the
         engine) and the prefill's `TokenCounts` (`tokens`, for methods whose attention pattern depends
         on the video layout): `attention_flops` (q/k/v/o projections + causal scores and weighted
@@ -268,7 +275,7 @@ class Method:
 
     # --- budgets -----------------------------------------------------------------------------------
     @classmethod
-    def budget_settings(cls, budget: float, geometry: Any, tokens: Any) -> dict[str, Any]:
+    def budget_settings(cls, budget: float, geometry: Geometry, tokens: TokenCounts) -> dict[str, Any]:
         """Settings (merged over a row's own) at which this method keeps about `budget` (0 < ρ <= 1) of
         the visual KV of a sample of `tokens` on a model of `geometry` — the ablation's budget matching
         (docs/ablate.md). The achieved budget is measured, not taken from here."""
@@ -292,7 +299,7 @@ class Method:
         return method
 
     @classmethod
-    def conformance_settings(cls, tmp_path: Path, geometry: Any) -> dict[str, Any]:
+    def conformance_settings(cls, tmp_path: Path, geometry: Geometry) -> dict[str, Any]:
         """Settings at which the method must reproduce the baseline exactly on a model of `geometry`
         (its identity), creating any file they need under `tmp_path`; used by the conformance suite."""
         return {}
@@ -308,7 +315,7 @@ def score_flops(num_heads: int, head_dim: int, pairs: int) -> int:
     return 2 * 2 * num_heads * head_dim * pairs
 
 
-def projection_flops(geometry: Any, tokens: int) -> int:
+def projection_flops(geometry: Geometry, tokens: int) -> int:
     """q, k, v and o projections of `tokens` tokens."""
     q_and_o = 2 * geometry.num_heads * geometry.head_dim
     k_and_v = 2 * geometry.num_kv_heads * geometry.head_dim

@@ -24,7 +24,8 @@ TINY_SEED = 0
 # on near-ties; at 0.3 each try's answer depends on its suffix and a position or cache bug shows.
 TINY_INIT_STD = 0.3
 
-# Special tokens sit right after the 256 byte tokens, inside the tiny vocabulary (reference §6 gotcha).
+# Special tokens sit right after the 256 byte tokens, inside the tiny vocabulary: every special token id the configs
+# name (bos/eos/pad, image, video, vision start/end) must index the small embedding table.
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|video_pad|>", "<|image_pad|>", "<video>", "<image>",
@@ -34,7 +35,8 @@ VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every id decodes to a token
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": VOCAB_SIZE, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
-# head_dim 16 -> mrope sections must add up to head_dim / 2 = 8 (reference §6 gotcha).
+# head_dim 16 -> mrope sections must add up to head_dim / 2 = 8: the rotary embedding splits its head_dim / 2
+# frequencies by `mrope_section` (transformers, models/qwen2_5_vl/modeling_qwen2_5_vl.py).
 MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
 # Frames are resized to at most 112x112 px: 4x4 merged tokens per 2-frame group (Qwen2/2.5-VL).
 QWEN_VIDEO_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
@@ -210,7 +212,8 @@ def _qwen3_vl():
                        "out_hidden_size": 64, "patch_size": 16, "deepstack_visual_indexes": [0],
                        "num_position_embeddings": 64},
         **_qwen_vision_ids(tokenizer))
-    # Qwen3-VL's `longest_edge` is a total T*H*W pixel budget (reference §6): 8 frames of 128x128.
+    # Qwen3-VL's `longest_edge` is a total T*H*W pixel budget (transformers,
+    # models/qwen3_vl/video_processing_qwen3_vl.py `smart_resize`): 8 frames of 128x128.
     video_size = {"shortest_edge": 32 * 32 * 2, "longest_edge": 8 * 128 * 128}
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=QWEN_VIDEO_SIZE, patch_size=16),

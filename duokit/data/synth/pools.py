@@ -13,13 +13,15 @@ FRUITS = (
     "apple", "banana", "orange", "lemon", "pear", "coconut", "blueberry", "mango", "grapes", "strawberry",
     "peach", "kiwifruit",
 )
-# The 20 PASCAL-VOC-style classes of ord_insert2 / cnt_insert1, "flower" replacing "potted plant" (§2).
+# The 20 PASCAL-VOC-style classes of ord_insert2 / cnt_insert1, "flower" replacing "potted plant" (the published
+# annotations).
 OBJECTS = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table",
     "dog", "flower", "horse", "motorbike", "person", "sheep", "sofa", "train", "tv monitor",
 )
-# VNBench draws 134 Google-Landmarks-style names (§2) that are not published; this pool is our choice of
-# well-known landmarks, big enough for 3 distractors and distinct procedural pictures (docs/synth.md).
+# VNBench draws 134 Google-Landmarks-style names that are not published; this pool is our choice of
+# well-known landmarks, big enough for 3 distractors and distinct procedural pictures (docs/synth.md,
+# "How our needles differ from the official ones", "Needle pictures").
 LANDMARKS = (
     "Eiffel Tower", "Big Ben", "Colosseum", "Taj Mahal", "Sydney Opera House", "Golden Gate Bridge",
     "Statue of Liberty", "Great Wall", "Machu Picchu", "Christ the Redeemer", "Petra", "Chichen Itza",

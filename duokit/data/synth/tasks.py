@@ -32,14 +32,16 @@ QUESTIONS = {
     "cnt_insert1": "How many {plural} appeared in the video?",
 }
 SUBTITLE = "The secret word is {name}."
-ORDER_ITEMS = 4  # ordering needles (§8 step 7)
-COUNT_RANGE = (1, 6)  # cnt_edit1 / cnt_insert1 occurrences and option values (§2)
-SECTIONS = 4  # cnt_edit2: "4 small sections" (§2)
-STICKERS_PER_SECTION = (1, 4)  # so the cnt_edit2 answer is 4-16 (§2)
+# Needle counts and option rules follow the published annotations; docs/synth.md ("How our needles differ from
+# the official ones") lists them and every choice of ours.
+ORDER_ITEMS = 4  # ordering needles: 4 distinct items
+COUNT_RANGE = (1, 6)  # cnt_edit1 / cnt_insert1 occurrences and option values
+SECTIONS = 4  # cnt_edit2: "4 small sections" (its question)
+STICKERS_PER_SECTION = (1, 4)  # so the cnt_edit2 answer is 4-16
 STICKER_GRID = (3, 4)  # rows, columns: one sticker per cell keeps stickers apart and countable
 # Most needles an edit sub-task burns into the haystack's own frames.
 EDIT_NEEDLES = {"ret_edit1": 1, "ord_edit1": ORDER_ITEMS, "cnt_edit1": COUNT_RANGE[1], "cnt_edit2": SECTIONS}
-NEAR_SPREAD = 4  # cnt_edit2 options: 4 distinct ints within 4 of each other ("spread mostly 3-4", §8 step 8)
+NEAR_SPREAD = 4  # cnt_edit2 options: 4 distinct ints within 4 of each other (as in the published options)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class SynthSample:
     frames: np.ndarray  # uint8 [T, H, W, 3], the output video
     fps: float
     question: str
-    options: tuple  # try-0 order; ints for counting, as in VNBench (§4)
+    options: tuple  # try-0 order; ints for counting, as in VNBench-main-4try.json
     gt: str | int
     needle_spans: tuple[tuple[int, int], ...]  # [start, end) output frames of each needle occurrence, in time order
     needles: tuple[dict, ...]  # per occurrence: answer item, instance source, sticker boxes
@@ -73,7 +75,7 @@ class SynthSample:
         return round(len(self.frames) / self.fps, 4)
 
     def records(self, video: str) -> list[dict]:
-        """The four tries in the VNBench schema, options permuted by the official scheme (§5)."""
+        """The four tries in the VNBench schema, options permuted by the official scheme (`permuted_options`)."""
         records = []
         for try_index, options in enumerate(permuted_options(list(self.options))):
             records.append({
@@ -93,24 +95,24 @@ def _choose(rng: np.random.Generator, pool, count: int) -> list:
 
 
 def retrieval_options(rng, gt: str, pool) -> list[str]:
-    """gt and 3 distractors from the same pool, in random order (§8 step 8)."""
+    """gt and 3 distractors from the same pool, in random order (docs/synth.md, "Options")."""
     return _shuffled(rng, [gt, *_choose(rng, [item for item in pool if item != gt], 3)])
 
 
 def order_options(rng, items: list[str]) -> list[str]:
-    """The true order and 3 other orders of the same items, written "a, b, c, d" (§2)."""
+    """The true order and 3 other orders of the same items, written "a, b, c, d" (docs/synth.md, "Options")."""
     others = [p for p in itertools.permutations(items) if list(p) != items]
     return _shuffled(rng, [", ".join(items), *(", ".join(p) for p in _choose(rng, others, 3))])
 
 
 def count_options(rng, gt: int) -> list[int]:
-    """4 distinct ints from 1-6 including gt (§8 step 8)."""
+    """4 distinct ints from 1-6 including gt (docs/synth.md, "Options")."""
     low, high = COUNT_RANGE
     return _shuffled(rng, [gt, *_choose(rng, [n for n in range(low, high + 1) if n != gt], 3)])
 
 
 def near_count_options(rng, gt: int) -> list[int]:
-    """4 distinct ints >= 1 around gt, all within NEAR_SPREAD of each other (§8 step 8)."""
+    """4 distinct ints >= 1 around gt, all within NEAR_SPREAD of each other (docs/synth.md, "Options")."""
     low = int(rng.integers(max(1, gt - NEAR_SPREAD), gt + 1))  # the window [low, low + NEAR_SPREAD] holds gt
     window = [n for n in range(low, low + NEAR_SPREAD + 1) if n != gt]
     return _shuffled(rng, [gt, *_choose(rng, window, 3)])
@@ -195,7 +197,7 @@ def ord_insert2(inputs: TaskInputs) -> SynthSample:
 
 def cnt_edit1(inputs: TaskInputs) -> SynthSample:
     count = int(inputs.rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
-    name = _choose(inputs.rng, NAMES, 1)[0]  # the same word repeated (§8 step 7)
+    name = _choose(inputs.rng, NAMES, 1)[0]  # the same word repeated (docs/synth.md, "Timing")
     built = _subtitles(inputs, [name] * count)
     return _sample(inputs, "cnt_edit1", built, QUESTIONS["cnt_edit1"], count_options(inputs.rng, count), count)
 

@@ -5,7 +5,8 @@ plain causal attention) and the student (second half) — the official "two-way"
 KV head outputs `α·full + (1 − α)·streaming`, where streaming attention sees the first `sink` tokens,
 the `recent` tokens before the query and the query itself: the window of inference (duokit's one
 convention for `recent`, docs/duoattention.md "The meaning of `recent`"). The official training mask
-(`generate_streaming_mask`, §2) counts the query among its `recent` tokens, one fewer. Two streaming masks:
+(`generate_streaming_mask` in `duo_attn/patch/streaming_attn.py`) counts the query among its `recent`
+tokens, one fewer. Two streaming masks:
 
 - `token` (default): that exact token window, the official `sdpa` option with inference's `recent`.
 - `blocksparse`: the official default (`streaming_attn_implementation="blocksparse"`, the
@@ -18,7 +19,8 @@ Two variants of `full`:
 
 - `paper` (default): full attention on the student's own q/k/v — the paper's formula.
 - `official-teacher`: the teacher's full-attention output at that layer, as the released
-  `llama_duo_attention_forward_two_way` does; it saves one full-attention pass per layer (§2 caveat).
+  `llama_duo_attention_forward_two_way` (`duo_attn/patch/llama.py`) does; it saves one full-attention pass
+  per layer (docs/duo_training.md, "The two variants of "full"").
 
 The function is registered with transformers' `AttentionInterface` under its own name and selected
 for the language model only (`duokit.methods.attention.select_attention`); the gates and settings reach
@@ -59,7 +61,8 @@ class DuoGates(torch.nn.Module):
         return self.gates.detach().float().cpu().numpy()
 
     def regularization(self) -> torch.Tensor:
-        """`l1_loss` of the official code: mean |α| over all gates, on the live parameter (§3, §13.1)."""
+        """`l1_loss` of the official code (`duo_attn/loss.py`, applied in `duo_attn/train.py::train`): mean |α|
+        over all gates, on the live parameter (docs/duo_training.md, "What is trained", row "L1 term")."""
         return self.gates.abs().mean()
 
     @torch.no_grad()

@@ -51,7 +51,8 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CHANGES = ("save_every", "progress")
 # Settings added after runs were already written: a saved config without them ran with these values.
 ADDED_SETTINGS = {"streaming_mask": "token", "block_size": OFFICIAL_BLOCK_SIZE, "gate_dtype": "float32"}
-# Which hidden states enter the loss: those AT the answer tokens (the official label alignment, §3),
+# Which hidden states enter the loss: those AT the answer tokens (the official label alignment:
+# `hidden_states[labels != -100]` in mit-han-lab/duo-attention `duo_attn/train.py::train`),
 # or those PREDICTING them (position t − 1 produces token t; better for one-token answers).
 LOSS_POSITIONS = ("answer", "predicting")
 # Synthetic training frames (width, height). Real VLMs: 448x252 (16:9) is 72 tokens per frame on Qwen2.5-VL
@@ -143,7 +144,8 @@ def check_sequence_length(tokens: int, sink: int, recent: int, what: str) -> Non
 
 
 def official_lr_lambda(num_steps: int):
-    """`min(1, max((s+1)/(N//5), .1), max((N−s)/(N//5), .1))` — warm-up, flat, decay to 10% (§5)."""
+    """`min(1, max((s+1)/(N//5), .1), max((N−s)/(N//5), .1))` — warm-up, flat, decay to 10%
+    (the official `LambdaLR`, mit-han-lab/duo-attention `duo_attn/train.py::main`)."""
     fifth = max(num_steps // 5, 1)
 
     def factor(step: int) -> float:
@@ -153,7 +155,8 @@ def official_lr_lambda(num_steps: int):
 
 
 def distillation_loss(hidden: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Σ over answer tokens of mean_d (h_teacher − h_student)², / number of answer tokens (§3)."""
+    """Σ over answer tokens of mean_d (h_teacher − h_student)², / number of answer tokens (`distill_loss` in
+    mit-han-lab/duo-attention `duo_attn/train.py::train`, on one process)."""
     half = hidden.shape[0] // 2
     teacher = hidden[:half][:, answer_mask].float().detach()
     student = hidden[half:][:, answer_mask].float()
@@ -229,7 +232,8 @@ def truncate_history(path: Path, last_step: int) -> None:
 
 def pattern_config(settings: TrainSettings, step: int, num_layers: int, num_kv_heads: int,
                    custom_data: str | None = None) -> dict:
-    """The official config.json fields (`vars(args)` of duo_attn/utils.py, §7) plus duokit's."""
+    """The official config.json fields (`vars(args)` of `duo_attn/utils.py::parse_args`, which
+    `duo_attn/train.py::main` writes; mit-han-lab/duo-attention) plus duokit's."""
     data = custom_data or (f"passkeys:{settings.text_file}" if settings.text_file else "duokit-synth-training")
     return {"model_name": settings.model, "lr": settings.lr, "reg_weight": settings.reg_weight,
             "num_steps": settings.steps, "steps_done": step, "initial_value": 1.0, "seed": settings.seed,

@@ -2,8 +2,9 @@
 
 Two sources, both a pure function of (settings, index), so resuming at step k only needs k:
 - `VideoNeedleData` (VLMs): the synthesizer's training variant (duokit/data/synth/training.py; several
-  needles and questions per video, never VNBench — the paper's synthetic training data, arXiv 2410.10819 §3) as a multi-turn chat: the
-  video and the first question, then each answer teacher-forced, then the next question.
+  needles and questions per video, never VNBench — in place of the paper's synthetic multi-passkey data,
+  arXiv 2410.10819, official `duo_attn/data.py::MultiplePasskeyRetrievalDataset`) as a multi-turn chat:
+  the video and the first question, then each answer teacher-forced, then the next question.
 - `PasskeyData` (text LMs): the official multi-passkey recipe (mit-han-lab/duo-attention) on a local text
   file the user passes (the BookSum link is dead): 10 passkeys of 32 NATO words at sorted depths from
   linspace(0.05, 0.95, 1000), context lengths from linspace(min, max, 50) visited in a shuffled order,
