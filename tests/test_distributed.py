@@ -203,7 +203,16 @@ def free_port() -> int:
 
 def launch(args: list[str], processes: int, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N -m duokit ARGS` on CPU: torchrun spawns the N
-    processes (accelerate's `--cpu` mode would start one without MPI), duokit joins them with gloo."""
+    processes (accelerate's `--cpu` mode would start one without MPI), duokit joins them with gloo.
+    Launched again once if another process took the free port before torchrun's store bound it (no rank
+    has started then)."""
+    result = launch_once(args, processes, **env)
+    if result.returncode != 0 and "EADDRINUSE" in result.stderr:
+        result = launch_once(args, processes, **env)
+    return result
+
+
+def launch_once(args: list[str], processes: int, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     environment.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
