@@ -434,7 +434,8 @@ def dry_run(config: AblationConfig | str | Path | dict, out: str | Path, probe: 
     if per_sample is not None:
         total = per_sample * len(shape.samples) * len(cells)
         lines.append(f"estimated time: {total / 60:.1f} min ({per_sample:.2f} s per sample, timed on one sample of "
-                     f"{cells[0].folder}; every cell assumed as costly; cells already run are skipped)")
+                     f"{cells[0].folder}; every cell assumed as costly; cells already run are skipped; "
+                     f"preparations such as gate training not included)")
     return "\n".join(lines)
 
 

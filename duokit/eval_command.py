@@ -134,6 +134,18 @@ def video_bytes(video_name: str, videos: str | Path) -> int | None:
         return None
 
 
+def check_videos(samples: list, videos: str | Path) -> None:
+    """Refuse a `videos` folder that holds none of the samples' videos (a wrong folder would otherwise be
+    a run of failed samples scored 0%); a few missing ones are recorded as errors when evaluated."""
+    from duokit.data.vnbench import VIDEO_FOLDERS
+
+    if not Path(videos).is_dir():
+        raise FileNotFoundError(f"--videos {videos}: not a folder; give {VIDEO_FOLDERS}")
+    if samples and all(video_bytes(sample.video_name, videos) is None for sample in samples):
+        raise FileNotFoundError(f"--videos {videos}: none of the {len({s.video_name for s in samples})} videos the "
+                                f"annotations name is there (e.g. {samples[0].video_name}); give {VIDEO_FOLDERS}")
+
+
 def redo_logged(out: Path, samples: list, videos: str | Path, retry_errors: bool) -> None:
     """Remove from RUN/predictions.jsonl, to be evaluated again, the tries made on a video whose size has
     changed since (records without `video_bytes`, from before it was kept, are trusted) and, with
@@ -324,10 +336,9 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     if decode_tries not in DECODE_TRIES:
         raise ValueError(f"decode_tries must be one of {', '.join(DECODE_TRIES)}, got {decode_tries!r}")
     tries_together = decode_tries == "together"
-    if not Path(videos).is_dir():
-        raise FileNotFoundError(f"--videos {videos}: not a folder; fetch the videos first (`duokit data`)")
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
+    check_videos(samples, videos)
     # Under `accelerate launch` with N > 1 processes each takes a share of the samples (docs/scaling.md).
     world = current_world(cpu=device == "cpu") if world is None else world
     if world.device is not None and device in ("auto", "cuda"):
@@ -426,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_main_process():  # under `accelerate launch` the main process reports for all
         return 0
     scores = summary["scores"]
+    failed = summary["cost"]["n_errors"]
     print(f"{args.out}: Overall {100 * scores['overall']:.1f}% (4-try), {100 * scores['overall_1try']:.1f}% "
-          f"(1-try) on {scores['n_samples']} samples")
+          f"(1-try) on {scores['n_samples']} samples"
+          + (f"; {failed} failed, counted wrong (errors in {Path(args.out) / 'predictions.jsonl'})" if failed else ""))
     return 0

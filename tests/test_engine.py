@@ -312,6 +312,7 @@ def test_eval_cli_writes_a_resumable_run(tmp_path, capsys, monkeypatch):
     assert all(p["error"] is None and len(p["output_tokens"]) == 5 for p in decoded)
     assert all(p["cost"]["frames"] == 4 and p["cost"]["needles_missed"] == 0 for p in decoded)
 
+    assert "on 4 samples; 2 failed, counted wrong (errors in" in capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["scores"]["n_samples"] == 4 and summary["scores"]["n_records"] == 16
     assert summary["scores"]["overall_1try"] == pytest.approx(sum(p["correct"] for p in predictions) / 16)
@@ -392,7 +393,11 @@ def test_a_resume_evaluates_again_what_changed_videos_or_errors_made(tmp_path, c
 def test_eval_cli_reports_bad_input(tmp_path, capsys):
     annotations, videos = write_dataset(tmp_path)
     assert main(eval_args(annotations, tmp_path / "nowhere", tmp_path / "run")) == 1
-    assert "not a folder" in capsys.readouterr().err
+    assert "not a folder; give the folder holding the annotation file's videos" in capsys.readouterr().err
+    assert main(eval_args(annotations, tmp_path, tmp_path / "run")) == 1  # the folder above the videos
+    err = capsys.readouterr().err
+    assert "none of the 4 videos the annotations name is there (e.g. h0_ret_edit1.mp4)" in err
+    assert "duokit synth --out DIR" in err
     args = eval_args(annotations, videos, tmp_path / "run")
     args[args.index("baseline")] = "no-such-method"
     assert main(args) == 1

@@ -278,4 +278,4 @@ def test_resolve_video_uses_the_basename(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         resolve_video("./VNBench/h1_ret_edit1.mp4", tmp_path)
     assert str(tmp_path / "h1_ret_edit1.mp4") in str(err.value)
-    assert "unpack the VNBench zip" in str(err.value)
+    assert "`duokit data fetch videos`" in str(err.value) and "`duokit synth --out DIR`" in str(err.value)

@@ -168,7 +168,8 @@ def load_annotations(path: str | Path) -> list[Record]:
     """Load and validate a VNBench-schema annotation file (a JSON list of records)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file not found; run `duokit data fetch annotations`")
+        raise FileNotFoundError(f"{path}: annotation file not found; `duokit data fetch annotations` writes "
+                                "VNBench's, `duokit synth --out DIR` writes DIR/annotations.json")
     raw = read_json(path)
     if not isinstance(raw, list):
         raise AnnotationError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
@@ -244,10 +245,14 @@ def stratified_subset(samples: list[Sample], per_task: int, seed: int = 0) -> li
     return [samples[p] for p in sorted(chosen)]
 
 
+# Where the videos of an annotation file are, for the errors that name a wrong folder.
+VIDEO_FOLDERS = ("the folder holding the annotation file's videos: VNBench's, unpacked by `duokit data fetch "
+                 "videos`, or DIR/videos of `duokit synth --out DIR`")
+
+
 def resolve_video(video_name: str, video_dir: str | Path) -> Path:
     """The local file of a record's video: its basename under `video_dir` (docs/data.md)."""
     path = Path(video_dir) / PurePosixPath(video_name.replace("\\", "/")).name
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: video not found; unpack the VNBench zip into {video_dir} (`duokit data fetch videos`)")
+        raise FileNotFoundError(f"{path}: video not found; the videos folder must be {VIDEO_FOLDERS}")
     return path
