@@ -134,25 +134,26 @@ def video_bytes(video_name: str, videos: str | Path) -> int | None:
         return None
 
 
-def check_videos(samples: list, videos: str | Path) -> None:
-    """Refuse a `videos` folder that holds none of the samples' videos (a wrong folder would otherwise be
-    a run of failed samples scored 0%); a few missing ones are recorded as errors when evaluated."""
+def video_file_sizes(samples: list, videos: str | Path) -> dict[str, int | None]:
+    """{sample id: its video's size in bytes, None when missing}. Refuses a `videos` folder that holds none
+    of them (a wrong folder would otherwise be a run of failed samples scored 0%); a few missing ones are
+    recorded as errors when evaluated."""
     from duokit.data.vnbench import VIDEO_FOLDERS
 
     if not Path(videos).is_dir():
         raise FileNotFoundError(f"--videos {videos}: not a folder; give {VIDEO_FOLDERS}")
-    if samples and all(video_bytes(sample.video_name, videos) is None for sample in samples):
+    sizes = {sample.sample_id: video_bytes(sample.video_name, videos) for sample in samples}
+    if samples and all(size is None for size in sizes.values()):
         raise FileNotFoundError(f"--videos {videos}: none of the {len({s.video_name for s in samples})} videos the "
                                 f"annotations name is there (e.g. {samples[0].video_name}); give {VIDEO_FOLDERS}")
+    return sizes
 
 
-def redo_logged(out: Path, samples: list, videos: str | Path, retry_errors: bool) -> None:
+def redo_logged(out: Path, sizes: dict[str, int | None], retry_errors: bool) -> None:
     """Remove from RUN/predictions.jsonl, to be evaluated again, the tries made on a video whose size has
-    changed since (records without `video_bytes`, from before it was kept, are trusted) and, with
-    `retry_errors`, the tries logged with an error."""
+    changed since (`sizes`: `video_file_sizes` now; records without `video_bytes`, from before it was kept, are
+    trusted) and, with `retry_errors`, the tries logged with an error."""
     from duokit.io import JsonlLog
-
-    sizes = {sample.sample_id: video_bytes(sample.video_name, videos) for sample in samples}
 
     def changed(record: dict) -> bool:
         return "video_bytes" in record and record["video_bytes"] != sizes[record["sample_id"]]
@@ -338,7 +339,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     tries_together = decode_tries == "together"
     method_instance = get_method(method, **(settings or {}))
     samples = select_samples(annotations, per_task, seed)
-    check_videos(samples, videos)
+    file_sizes = video_file_sizes(samples, videos)
     # Under `accelerate launch` with N > 1 processes each takes a share of the samples (docs/scaling.md).
     world = current_world(cpu=device == "cpu") if world is None else world
     if world.device is not None and device in ("auto", "cuda"):
@@ -363,7 +364,7 @@ def run_eval(annotations: str | Path, videos: str | Path, frames: int, out: str 
     if world.is_main and merge_shards(out, order):
         print(f"{out}: merged the prediction shards of an interrupted sharded run", file=sys.stderr)
     if world.is_main:
-        redo_logged(out, samples, videos, retry_errors)
+        redo_logged(out, file_sizes, retry_errors)
     world.barrier()
     log = JsonlLog(out / "predictions.jsonl", key="record_id")
     todo = [s for s in samples if any(record.record_id not in log for record in s.tries)]

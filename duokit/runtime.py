@@ -16,6 +16,7 @@ disconnect, so `project_root()` refuses instead of falling back silently.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -229,6 +230,19 @@ def banner(text: str) -> None:
     print(f"{rule}\n{text}\n{rule}")
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count (process-wide) set to `count` inside the block; the caller's is given back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pick_device() -> str:
     import torch
 
@@ -281,10 +295,10 @@ def gpu_line() -> str:
     major, minor = torch.cuda.get_device_capability(0)
     dtype = str(pick_dtype("cuda:0")).removeprefix("torch.")
     if (major, minor) < BF16_MIN_CAPABILITY:
-        from duokit.models.loading import FP32_HEADROOM_BYTES
+        from duokit.models.loading import max_float32_parameters
 
         # Qwen-VL overflows in float16, so there it runs in float32 where it fits (docs/architecture.md).
-        largest = (memory_gib * 2**30 - FP32_HEADROOM_BYTES) / 4 / 1e9
+        largest = max_float32_parameters(torch.cuda.get_device_properties(0).total_memory) / 1e9
         dtype += (f"; Qwen-VL models float32 up to {largest:.2f}B parameters, larger ones refused (Qwen2-VL-2B "
                   "has 2.21B, Qwen2.5-VL-3B 3.75B)")
     return f"GPU: {name}, {memory_gib:.1f} GiB, sm{major}{minor} -> {dtype}"

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _threads import one_thread
 from test_distributed import TRIES_TOGETHER_COSTS, deterministic, launch
 
 from duokit import ablate, eval_command
 from duokit.ablate_config import parse_config
 from duokit.distributed import World, shard_paths
 from duokit.io import iter_jsonl
+from duokit.runtime import torch_threads
 
 # The smallest ablation that still has every shared step: a synthetic set (1 sample per sub-task: 9),
 # DuoAttention gates trained once (1 step), and three cells, one of which needs the gates.
@@ -47,7 +47,10 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablate-spread")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    with one_thread():
+    # One torch thread, as in the launched processes (OMP_NUM_THREADS=1), so that the reference sums as
+    # they do: a sum split over another number of threads (MKL may also use fewer than asked on a busy
+    # machine) can differ in its last bits, enough to flip a near-tie between two answer tokens.
+    with torch_threads(1):
         ablate.run_ablation(copy.deepcopy(TINY), root / "reference", progress=False)
     return root / "reference", config
 
@@ -153,7 +156,7 @@ def test_a_killed_rank_resumes_with_nothing_recomputed_with_two_or_one_processes
         return evaluate(lm, method, sample, *args, **kwargs)
 
     monkeypatch.setattr(eval_command, "evaluate_sample", counting)
-    with one_thread():
+    with torch_threads(1):
         ablate.run_ablation(str(config), again, progress=False)
     assert sorted(evaluated) == missing
     assert_same_ablation(again, reference, partly_redone=partial)

@@ -17,6 +17,7 @@ from duokit.io import iter_jsonl, read_json
 from duokit.methods import get_method
 from duokit.models import resolve_model_path
 from duokit.models.base import Geometry, TokenCounts
+from duokit.runtime import torch_threads
 
 REDUCED = ["--frames", "16", "--per-task", "1", "--gate-steps", "3"]
 PLOTS = ("accuracy_subtasks.png", "accuracy_kv.png", "latency.png")
@@ -26,14 +27,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """Run with one torch thread, then give the thread count back: torch's setting is process-wide and would
     otherwise leak into every later test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -162,13 +158,9 @@ def test_bad_settings_fail_before_any_work(tmp_path, flags, message):
 
 
 def test_run_cli_gives_the_thread_count_back(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         assert run_cli(["demo", "--out", str(tmp_path / "run"), *REDUCED, "--frames", "8"])[0] == 1
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

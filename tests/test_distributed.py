@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from _threads import one_thread
 from test_engine import eval_args, write_dataset
 
 from duokit.cli import main
@@ -31,6 +30,7 @@ from duokit.distributed import (
 )
 from duokit.eval_command import run_eval
 from duokit.io import iter_jsonl
+from duokit.runtime import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 # One launch loads torch and the tiny model in each process: ~40 s on a loaded 2-core machine. A hung
@@ -260,8 +260,9 @@ def samples_per_rank(stderr: str) -> list[tuple[int, int, int]]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    """The in-process runs (the reference, the resumes) sum as the launched ranks do."""
-    with one_thread():
+    """The in-process runs (the reference, the resumes) sum as the launched ranks do (OMP_NUM_THREADS=1): a
+    sum split over another number of threads can differ in its last bits, enough to flip a near-tie."""
+    with torch_threads(1):
         yield
 
 

@@ -46,6 +46,7 @@ from duokit.methods.duo.train import (
 )
 from duokit.methods.duo.train_data import BUFFER_TOKENS, NATO, PasskeyData, VideoNeedleData
 from duokit.models import load_vlm
+from duokit.runtime import torch_threads
 
 SINK, RECENT = 4, 8
 # Small synthetic videos: 8 frames of 56x56 (16 video tokens), 1-2 needles.
@@ -601,13 +602,9 @@ def test_sigkill_then_resume_gives_bit_identical_gates(tmp_path):
     saved = load_checkpoint(killed)
     assert saved is not None and saved["step"] == save_every, "the run must die after its first checkpoint"
     subprocess.run(command, env=subprocess_env(), check=True, capture_output=True)  # the same command resumes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocesses
-    try:
+    with torch_threads(1):  # as in the subprocesses
         train_gates(TrainSettings(model="tiny:qwen2_5_vl", steps=steps, save_every=save_every, sink=SINK,
                                   recent=RECENT, progress=False, **VIDEO), whole)
-    finally:
-        torch.set_num_threads(threads)
     resumed, uninterrupted = load_checkpoint(killed), load_checkpoint(whole)
     assert resumed["step"] == uninterrupted["step"] == steps
     assert torch.equal(resumed["gates"], uninterrupted["gates"])

@@ -132,6 +132,12 @@ def count_parameters(config: Any, loader: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def max_float32_parameters(total_memory: int) -> float:
+    """The most parameters whose float32 weights fit a GPU of `total_memory` bytes with FP32_HEADROOM_BYTES
+    left over: what a Qwen-VL model may have to run on a GPU without bfloat16."""
+    return (total_memory - FP32_HEADROOM_BYTES) / 4
+
+
 def resolve_dtype(name: str, config: Any, device: Any, dtype: Any = "auto", num_params: int | None = None,
                   loader: Any = None) -> Any:
     """The torch dtype to load `config`'s model in on `device` (module docstring); refuses what cannot run."""
@@ -150,7 +156,7 @@ def resolve_dtype(name: str, config: Any, device: Any, dtype: Any = "auto", num_
         num_params = count_parameters(config, loader)
     weights = num_params * 4
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    if weights + FP32_HEADROOM_BYTES <= total:
+    if num_params <= max_float32_parameters(total):
         return torch.float32
     raise NoSafeDtypeError(
         f"model {name}: this GPU (sm{cap[0]}{cap[1]}, {total / 2**30:.1f} GiB) has no bfloat16, {config.model_type} "

@@ -248,12 +248,10 @@ def _record(settings: TrainSettings, state: dict) -> dict:
 def train(settings: TrainSettings, out: str | Path, progress: bool = True) -> dict:
     """Train (or resume) into `out`; returns the final state (step, stage frames, last losses). Runs on
     `settings.threads` threads and gives the caller back its own count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    from duokit.runtime import torch_threads
+
+    with torch_threads(settings.threads):
         return _train(settings, Path(out), progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(settings: TrainSettings, out: Path, progress: bool) -> dict:
